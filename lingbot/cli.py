@@ -1,0 +1,144 @@
+"""`lingbot` command line: one subcommand per pipeline step, plus benchmarks.
+
+Only argparse is imported at start-up; each subcommand imports what it needs, so `lingbot --help`
+stays well under a second. Bad input ends with one line, `lingbot: error: ...`, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _run_config(args):
+    from lingbot.config import load_run_config, preset
+
+    if args.params:
+        return load_run_config(args.params)
+    return preset(args.preset)
+
+
+def _print_json(data: dict) -> None:
+    print(json.dumps(data, sort_keys=False))
+
+
+def cmd_collect(args) -> int:
+    from lingbot.data.collect import collect
+
+    cfg = _run_config(args).collect
+    changes = {}
+    if args.task:
+        changes["tasks"] = tuple(args.task)
+    for name in ("episodes", "image_size", "seed", "workers"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.camera:
+        changes["cameras"] = tuple(args.camera)
+    cfg = dataclasses.replace(cfg, **changes)
+    report = collect(cfg, Path(args.out), progress=not args.quiet)
+    _print_json(report)
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from lingbot.data.ingest import ingest
+
+    cfg = _run_config(args).ingest
+    changes = {"source": args.source}
+    if args.camera:
+        changes["cameras"] = tuple(args.camera)
+    if args.state:
+        changes["state"] = args.state
+    if args.action:
+        changes["action"] = args.action
+    cfg = dataclasses.replace(cfg, **changes)
+    _print_json(ingest(cfg, Path(args.out)))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from lingbot.data.validate import validate
+
+    cfg = _run_config(args).validate
+    report = validate(Path(args.dir), cfg, report_dir=Path(args.report) if args.report else None)
+    if not report["success"]:
+        for line in report["failures_text"]:
+            print(line)
+        print(f"validation FAILED: {len(report['failed'])} of {report['expectations']} expectations")
+        return 1
+    print(
+        f"validation passed: {report['expectations']} expectations over {report['frames']} frames, "
+        f"{report['episodes']} episodes"
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lingbot import bench
+
+    return bench.run(args.what, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lingbot", description="Train, evaluate and ship LingBot-VA style video-action policies."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--params", help="params.yaml to read (preset + overrides)")
+        g.add_argument("--preset", default="small", help="named preset (default: small)")
+        return p
+
+    p = with_config(sub.add_parser("collect", help="scripted-expert MetaWorld demos -> LeRobot v3 dataset"))
+    p.add_argument("--task", action="append", help="MetaWorld task id, e.g. drawer-open-v3 (repeatable)")
+    p.add_argument("--episodes", type=int, help="successful episodes per task")
+    p.add_argument("--camera", action="append", help="MuJoCo camera name (repeatable)")
+    p.add_argument("--image-size", type=int, dest="image_size")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="rollout processes")
+    p.add_argument("--out", required=True, help="dataset directory to write (replaced atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_collect)
+
+    p = with_config(sub.add_parser("ingest", help="take in a LeRobot v3 dataset: keys, split, stats"))
+    p.add_argument("source", help="local dataset directory, or Hub dataset org/name@revision")
+    p.add_argument("--camera", action="append", help="camera feature key (repeatable; default: all)")
+    p.add_argument("--state", help="state feature key (default observation.state)")
+    p.add_argument("--action", help="action feature key (default action)")
+    p.add_argument("--out", required=True, help="ingest directory to write (replaced atomically)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = with_config(sub.add_parser("validate", help="Great Expectations gate over an ingested dataset"))
+    p.add_argument("dir", help="ingest directory (or a bare LeRobot v3 dataset directory)")
+    p.add_argument("--report", help="directory for report.json and GX data docs")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
+    p.add_argument("what", choices=["data"])
+    p.add_argument("--episodes", type=int, default=4, help="episodes per task")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lingbot.errors import LingbotError
+
+    try:
+        return args.func(args)
+    except LingbotError as exc:
+        print(f"lingbot: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lingbot: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Scripted-expert demonstrations: MetaWorld experts rolled out in parallel, written as LeRobot v3.
+
+Every attempt has its own seed (from the run seed, the task and the attempt number), so the set of
+episodes, and the bytes of the parquet files, depend only on the config, not on scheduling. Attempts
+run in worker processes; the parent writes successful episodes through `LeRobotDataset` in attempt
+order. Failed expert episodes are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from lingbot.config import CollectConfig
+from lingbot.errors import LingbotError
+from lingbot.fsutil import atomic_dir
+
+ROBOT_TYPE = "sawyer"
+
+
+@dataclass
+class Episode:
+    task: str
+    seed: int
+    success: bool
+    states: np.ndarray  # (T, 4) float32
+    actions: np.ndarray  # (T, 4) float32
+    images: dict[str, np.ndarray]  # camera -> (T, H, W, 3) uint8
+    render_s: float
+    sim_s: float
+
+
+def attempt_seed(seed: int, task: str, attempt: int) -> int:
+    """A stable 31-bit seed per (run seed, task, attempt), independent of worker scheduling."""
+    task_key = int.from_bytes(task.encode()[:16].ljust(16, b"\0"), "little") % (2**31)
+    return int(np.random.SeedSequence([seed, task_key, attempt]).generate_state(1)[0] % (2**31))
+
+
+_ENVS: dict[tuple, object] = {}
+
+
+def rollout_expert(task: str, seed: int, cfg: CollectConfig) -> Episode:
+    """Run the scripted expert once; record (obs, action) pairs at fps = SIM_HZ / action_repeat."""
+    from lingbot.sim.metaworld import MetaWorldEnv, expert_policy
+
+    key = (task, cfg.image_size, cfg.cameras)
+    if key not in _ENVS:  # env construction costs ~0.2 s: reuse one per task in each worker
+        _ENVS[key] = (MetaWorldEnv(task, cfg.image_size, cfg.cameras), expert_policy(task))
+    env, policy = _ENVS[key]
+    obs = env.reset(seed)
+    states, actions, frames = [], [], {c: [] for c in cfg.cameras}
+    render_s = sim_s = 0.0
+    success_at = None
+    horizon = min(cfg.max_steps, env.max_path_length // cfg.action_repeat)
+    for step in range(horizon):
+        t0 = time.perf_counter()
+        for cam, image in env.render().items():
+            frames[cam].append(image)
+        t1 = time.perf_counter()
+        action = np.clip(policy.get_action(obs), -1.0, 1.0).astype(np.float32)
+        states.append(obs[:4].astype(np.float32))
+        actions.append(action)
+        obs, success = env.step(action, cfg.action_repeat)
+        sim_s += time.perf_counter() - t1
+        render_s += t1 - t0
+        if success and success_at is None:
+            success_at = step
+        if success_at is not None and step - success_at >= cfg.settle_steps:
+            break
+    return Episode(
+        task=task,
+        seed=seed,
+        success=success_at is not None,
+        states=np.stack(states),
+        actions=np.stack(actions),
+        images={c: np.stack(v) for c, v in frames.items()},
+        render_s=render_s,
+        sim_s=sim_s,
+    )
+
+
+def _rollout_job(job: tuple[str, int, CollectConfig]) -> Episode:
+    return rollout_expert(*job)
+
+
+def dataset_features(cfg: CollectConfig) -> dict:
+    from lingbot.sim.metaworld import ACTION_NAMES, STATE_NAMES
+
+    features = {
+        "observation.state": {"dtype": "float32", "shape": (len(STATE_NAMES),), "names": list(STATE_NAMES)},
+        "action": {"dtype": "float32", "shape": (len(ACTION_NAMES),), "names": list(ACTION_NAMES)},
+    }
+    for cam in cfg.cameras:
+        features[f"observation.images.{cam}"] = {
+            "dtype": "video",
+            "shape": (cfg.image_size, cfg.image_size, 3),
+            "names": ["height", "width", "channels"],
+        }
+    return features
+
+
+def _check(cfg: CollectConfig) -> None:
+    from lingbot.sim.metaworld import SIM_HZ, task_names
+
+    known = set(task_names())
+    for task in cfg.tasks:
+        if task not in known:
+            raise LingbotError(f"collect: unknown MetaWorld task {task!r} (e.g. drawer-open-v3, push-v3)")
+    if not cfg.tasks:
+        raise LingbotError("collect: no tasks given")
+    if cfg.episodes < 1:
+        raise LingbotError(f"collect: episodes must be >= 1, got {cfg.episodes}")
+    if SIM_HZ % cfg.action_repeat:
+        raise LingbotError(f"collect: action_repeat must divide {SIM_HZ}, got {cfg.action_repeat}")
+    if cfg.image_size < 16:
+        raise LingbotError(f"collect: image_size must be >= 16, got {cfg.image_size}")
+
+
+def collect(cfg: CollectConfig, out: Path, progress: bool = True) -> dict:
+    """Roll out the experts and write a LeRobot v3 dataset at `out` (replaced atomically).
+
+    Returns a report: episodes kept and dropped per task, frames, and throughput.
+    """
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from tqdm import tqdm
+
+    from lingbot.sim.metaworld import SIM_HZ, task_description
+
+    _check(cfg)
+    fps = SIM_HZ // cfg.action_repeat
+    max_attempts = cfg.episodes * cfg.max_attempts_factor
+    kept = {t: 0 for t in cfg.tasks}
+    dropped = {t: 0 for t in cfg.tasks}
+    frames = 0
+    rendered_steps = 0  # every recorded step, kept or dropped: what the render time paid for
+    render_s = sim_s = 0.0
+    t_start = time.perf_counter()
+    # Workers are spawned (not forked): each owns its GL context and MuJoCo state.
+    ctx = get_context("spawn")
+    with atomic_dir(Path(out)) as tmp, ProcessPoolExecutor(cfg.workers, mp_context=ctx) as pool:
+        dataset = LeRobotDataset.create(
+            repo_id=cfg.repo_id,
+            fps=fps,
+            features=dataset_features(cfg),
+            root=tmp,
+            robot_type=ROBOT_TYPE,
+            use_videos=True,
+            streaming_encoding=True,
+        )
+        bar = tqdm(total=cfg.episodes * len(cfg.tasks), desc="collect", unit="ep", disable=not progress)
+        next_attempt = {t: 0 for t in cfg.tasks}
+        while True:
+            # Submit exactly the attempts still needed, in a fixed order, so results are scheduling-free.
+            jobs = []
+            for task in cfg.tasks:
+                need = cfg.episodes - kept[task]
+                budget = max_attempts - next_attempt[task]
+                for _ in range(min(need, budget)):
+                    jobs.append((task, attempt_seed(cfg.seed, task, next_attempt[task]), cfg))
+                    next_attempt[task] += 1
+            if not jobs:
+                break
+            for episode in pool.map(_rollout_job, jobs):
+                render_s += episode.render_s
+                sim_s += episode.sim_s
+                rendered_steps += len(episode.actions)
+                if not episode.success:
+                    dropped[episode.task] += 1
+                    continue
+                instruction = task_description(episode.task)
+                for t in range(len(episode.actions)):
+                    frame = {
+                        "observation.state": episode.states[t],
+                        "action": episode.actions[t],
+                        "task": instruction,
+                    }
+                    for cam in cfg.cameras:
+                        frame[f"observation.images.{cam}"] = episode.images[cam][t]
+                    dataset.add_frame(frame)
+                dataset.save_episode()
+                kept[episode.task] += 1
+                frames += len(episode.actions)
+                bar.update(1)
+                bar.set_postfix(dropped=sum(dropped.values()), frames=frames)
+        bar.close()
+        short = [t for t in cfg.tasks if kept[t] < cfg.episodes]
+        if short:
+            dataset.finalize()
+            raise LingbotError(
+                "collect: the expert succeeded too rarely for "
+                + ", ".join(f"{t} ({kept[t]}/{cfg.episodes} after {next_attempt[t]} attempts)" for t in short)
+            )
+        dataset.finalize()
+    elapsed = time.perf_counter() - t_start
+    rendered = rendered_steps * len(cfg.cameras)
+    return {
+        "episodes": sum(kept.values()),
+        "episodes_dropped": sum(dropped.values()),
+        "kept_per_task": kept,
+        "dropped_per_task": dropped,
+        "frames": frames,
+        "fps": fps,
+        "seconds": round(elapsed, 3),
+        "collect_frames_per_s": round(frames / elapsed, 2),
+        # Per core: rendered camera images per second of render time inside the workers.
+        "render_images_per_s_per_core": round(rendered / render_s, 2) if render_s else None,
+        "sim_steps_per_s_per_core": round(rendered_steps * cfg.action_repeat / sim_s, 2) if sim_s else None,
+    }

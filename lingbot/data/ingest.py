@@ -1,0 +1,134 @@
+"""Ingest any LeRobot v3 dataset: pin it, choose its keys, split it, and measure normalisation stats.
+
+Output directory (the contract every later stage reads)::
+
+    DIR/
+      dataset/          the LeRobot v3 dataset, copied verbatim (meta/, data/, videos/)
+      lingbot.json      source (spec, repo id, revision, commit), content fingerprint, fps,
+                        the chosen keys {cameras, state, action}, their shapes, the task strings
+      stats.json        per key: q01, q99 (the normalisation bounds, as LingBot-VA uses), mean, std,
+                        min, max; measured on the train episodes only
+      split.json        {"train": [episode indices], "val": [...]}, stratified by task
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from lingbot.config import IngestConfig
+from lingbot.data.lerobot_io import (
+    check_keys,
+    column_array,
+    fingerprint,
+    open_layout,
+    read_frames,
+    resolve_source,
+)
+from lingbot.errors import LingbotError
+from lingbot.fsutil import atomic_dir, write_json
+
+DATASET_DIR = "dataset"
+
+
+def split_episodes(episode_tasks: dict[int, str], val_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Stratified episode split: per task, a seeded shuffle; >= 1 validation episode once a task has 2."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    by_task: dict[str, list[int]] = {}
+    for ep, task in sorted(episode_tasks.items()):
+        by_task.setdefault(task, []).append(ep)
+    for task in sorted(by_task):
+        eps = np.array(by_task[task])
+        rng.shuffle(eps)
+        n_val = int(round(len(eps) * val_fraction))
+        if val_fraction > 0 and len(eps) >= 2:
+            n_val = max(1, n_val)
+        n_val = min(n_val, len(eps) - 1)
+        val += eps[:n_val].tolist()
+        train += eps[n_val:].tolist()
+    return {"train": sorted(train), "val": sorted(val)}
+
+
+def vector_stats(values: np.ndarray, quantiles: tuple[float, float]) -> dict[str, list[float]]:
+    lo, hi = np.quantile(values, quantiles, axis=0)
+    return {
+        "q01": lo.tolist(),
+        "q99": hi.tolist(),
+        "mean": values.mean(0).tolist(),
+        "std": values.std(0).tolist(),
+        "min": values.min(0).tolist(),
+        "max": values.max(0).tolist(),
+        "count": int(len(values)),
+    }
+
+
+def ingest(cfg: IngestConfig, out: Path) -> dict:
+    """Resolve `cfg.source`, check it, and write the ingest directory at `out` atomically."""
+    source = resolve_source(cfg.source)
+    layout = open_layout(source.root)
+    cameras = list(cfg.cameras) or layout.video_keys
+    if not cameras:
+        raise LingbotError(f"{source.root}: dataset has no video cameras (image datasets are not supported)")
+    check_keys(layout, [cfg.state, cfg.action, *cameras])
+    for key in cameras:
+        if layout.features[key].get("dtype") != "video":
+            raise LingbotError(f"{source.root}: feature {key!r} is not a video camera")
+
+    table = read_frames(layout, ["episode_index", cfg.state, cfg.action])
+    where = layout.data_files[0].parent
+    episode_index = np.asarray(table.column("episode_index").to_pylist())
+    state = column_array(table, cfg.state, where)
+    action = column_array(table, cfg.action, where)
+    for name, values in ((cfg.state, state), (cfg.action, action)):
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            raise LingbotError(
+                f"{where}: column {name!r} has NaN/inf in episode {int(episode_index[bad][0])}"
+            )
+
+    episode_tasks = {}
+    for ep in layout.episodes.to_dict("records"):
+        tasks = list(ep.get("tasks") or [])
+        if not tasks:
+            raise LingbotError(f"{source.root}: episode {ep['episode_index']} has no task string")
+        episode_tasks[int(ep["episode_index"])] = str(tasks[0])
+    split = split_episodes(episode_tasks, cfg.val_fraction, cfg.seed)
+    in_train = np.isin(episode_index, split["train"])
+    stats = {
+        cfg.state: vector_stats(state[in_train], cfg.quantiles),
+        cfg.action: vector_stats(action[in_train], cfg.quantiles),
+    }
+    manifest = {
+        "source": {
+            "spec": source.spec,
+            "repo_id": source.repo_id,
+            "revision": source.revision,
+            "commit": source.commit,
+        },
+        "fingerprint": fingerprint(source.root),
+        "codebase_version": layout.info["codebase_version"],
+        "robot_type": layout.info.get("robot_type"),
+        "fps": layout.fps,
+        "keys": {"cameras": cameras, "state": cfg.state, "action": cfg.action},
+        "shapes": {k: list(layout.features[k]["shape"]) for k in [*cameras, cfg.state, cfg.action]},
+        "names": {k: layout.features[k].get("names") for k in (cfg.state, cfg.action)},
+        "tasks": sorted(set(episode_tasks.values())),
+        "episodes": len(episode_tasks),
+        "frames": int(len(episode_index)),
+    }
+    with atomic_dir(Path(out)) as tmp:
+        tmp.mkdir(parents=True)
+        shutil.copytree(source.root, tmp / DATASET_DIR, ignore=shutil.ignore_patterns(".cache", ".*lock"))
+        write_json(tmp / "lingbot.json", manifest)
+        write_json(tmp / "stats.json", stats)
+        write_json(tmp / "split.json", split)
+    return {
+        "episodes": manifest["episodes"],
+        "frames": manifest["frames"],
+        "train_episodes": len(split["train"]),
+        "val_episodes": len(split["val"]),
+        "tasks": len(manifest["tasks"]),
+    }

@@ -1,0 +1,196 @@
+"""Reading LeRobot v3 datasets: where they come from, whether they are whole, and their tables.
+
+A source is a local directory or a Hub dataset `org/name@revision`. Hub sources go through
+`huggingface_hub.snapshot_download` (so they are cached, revision-pinned, and work offline with
+HF_HUB_OFFLINE=1 once cached); everything after that reads the local root through
+`lerobot.datasets`' metadata and the parquet files it declares.
+
+Every check here fails with a `LingbotError` naming the file (and episode or column) at fault, before
+a library deeper down can fail with a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lingbot.errors import LingbotError
+
+SUPPORTED_VERSION = "v3.0"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset came from, recorded with everything derived from it."""
+
+    spec: str  # as given: a path, or org/name@revision
+    root: Path  # local directory holding meta/, data/, videos/
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None  # resolved Hub commit for a Hub source
+
+
+def resolve_source(spec: str) -> Source:
+    """Turn a source spec into a local dataset root (downloading a Hub snapshot if needed)."""
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        if not path.is_dir():
+            raise LingbotError(f"{spec}: no such dataset directory")
+        return Source(spec=spec, root=path.resolve())
+    repo_id, _, revision = spec.partition("@")
+    revision = revision or "main"
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(repo_id, repo_type="dataset", revision=revision)
+    except LocalEntryNotFoundError:
+        raise LingbotError(
+            f"{spec}: not in the local Hugging Face cache and the Hub cannot be reached "
+            "(download it once with network, or pass a local dataset directory)"
+        ) from None
+    except HfHubHTTPError as exc:
+        raise LingbotError(f"{spec}: Hub refused the download ({str(exc).splitlines()[0]})") from None
+    root = Path(local)
+    commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
+    return Source(spec=spec, root=root, repo_id=repo_id, revision=revision, commit=commit)
+
+
+@dataclass
+class DatasetLayout:
+    """The checked shape of a LeRobot v3 dataset on disk."""
+
+    root: Path
+    info: dict
+    episodes: "object"  # pandas.DataFrame of meta/episodes (one row per episode)
+    tasks: dict[int, str]  # task_index -> task string
+    data_files: list[Path] = field(default_factory=list)
+
+    @property
+    def fps(self) -> int:
+        return int(self.info["fps"])
+
+    @property
+    def features(self) -> dict:
+        return self.info["features"]
+
+    @property
+    def video_keys(self) -> list[str]:
+        return [k for k, f in self.features.items() if f.get("dtype") == "video"]
+
+    def video_path(self, episode: dict, key: str) -> Path:
+        rel = self.info["video_path"].format(
+            video_key=key,
+            chunk_index=int(episode[f"videos/{key}/chunk_index"]),
+            file_index=int(episode[f"videos/{key}/file_index"]),
+        )
+        return self.root / rel
+
+
+def _read_parquet(path: Path, columns: list[str] | None = None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise LingbotError(f"{path}: parquet file missing") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise LingbotError(f"{path}: unreadable or truncated parquet ({str(exc).splitlines()[0]})") from None
+
+
+def open_layout(root: Path) -> DatasetLayout:
+    """Check a local LeRobot v3 dataset's metadata and file list; read its episode and task tables."""
+    root = Path(root)
+    info_path = root / "meta" / "info.json"
+    if not info_path.is_file():
+        raise LingbotError(f"{info_path}: missing; {root} is not a LeRobot dataset")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LingbotError(f"{info_path}: not valid JSON ({exc})") from None
+    version = info.get("codebase_version")
+    if version != SUPPORTED_VERSION:
+        hint = " (convert it with lerobot's convert_dataset_v21_to_v30)" if str(version).startswith("v2") else ""
+        raise LingbotError(
+            f"{info_path}: LeRobot dataset version {version!r}, lingbot reads {SUPPORTED_VERSION}{hint}"
+        )
+    for key in ("fps", "features", "data_path", "total_episodes", "total_frames"):
+        if key not in info:
+            raise LingbotError(f"{info_path}: field {key!r} missing")
+    if int(info["total_episodes"]) == 0 or int(info["total_frames"]) == 0:
+        raise LingbotError(f"{root}: dataset is empty (0 episodes)")
+
+    episode_files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+    if not episode_files:
+        raise LingbotError(f"{root / 'meta' / 'episodes'}: no episode metadata parquet files")
+    import pyarrow as pa
+
+    episodes = pa.concat_tables([_read_parquet(p) for p in episode_files]).to_pandas()
+    episodes = episodes.sort_values("episode_index").reset_index(drop=True)
+    if len(episodes) != int(info["total_episodes"]):
+        raise LingbotError(
+            f"{root / 'meta' / 'episodes'}: {len(episodes)} episodes listed, info.json declares "
+            f"{info['total_episodes']}"
+        )
+    tasks_table = _read_parquet(root / "meta" / "tasks.parquet").to_pandas()
+    if "task_index" not in tasks_table.columns:
+        raise LingbotError(f"{root / 'meta' / 'tasks.parquet'}: column 'task_index' missing")
+    # LeRobot stores the task string as the pandas index ("task"); accept it as a column too.
+    names = tasks_table["task"] if "task" in tasks_table.columns else tasks_table.index
+    tasks = {int(i): str(t) for i, t in zip(tasks_table["task_index"], names)}
+
+    data_files = []
+    for ep in episodes.to_dict("records"):
+        rel = info["data_path"].format(
+            chunk_index=int(ep["data/chunk_index"]), file_index=int(ep["data/file_index"])
+        )
+        if (root / rel) not in data_files:
+            data_files.append(root / rel)
+    for path in data_files:
+        if not path.is_file():
+            raise LingbotError(f"{path}: parquet file missing (referenced by meta/episodes)")
+    return DatasetLayout(root=root, info=info, episodes=episodes, tasks=tasks, data_files=data_files)
+
+
+def read_frames(layout: DatasetLayout, columns: list[str] | None = None):
+    """The frame table (all data parquet files, in episode order) as a pyarrow Table."""
+    import pyarrow as pa
+
+    tables = [_read_parquet(p, columns) for p in layout.data_files]
+    table = pa.concat_tables(tables)
+    return table
+
+
+def check_keys(layout: DatasetLayout, keys: list[str]) -> None:
+    missing = [k for k in keys if k not in layout.features]
+    if missing:
+        raise LingbotError(
+            f"{layout.root / 'meta' / 'info.json'}: feature {missing[0]!r} not in dataset "
+            f"(it has: {', '.join(layout.features)})"
+        )
+
+
+def column_array(table, column: str, path: Path) -> np.ndarray:
+    """A fixed-size vector column as a (N, D) float64 array."""
+    if column not in table.column_names:
+        raise LingbotError(f"{path}: column {column!r} missing")
+    values = table.column(column).to_pylist()
+    return np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+
+
+def fingerprint(root: Path) -> str:
+    """sha256 over every file's relative path and content: changes whenever the dataset does."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Simulation: environments, rollouts, success metrics."""
