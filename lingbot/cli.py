@@ -25,6 +25,14 @@ def _print_json(data: dict) -> None:
     print(json.dumps(data, sort_keys=False))
 
 
+def _write_metrics(args, data: dict) -> None:
+    """Numbers (and flags) only: the DVC metrics file of the stage."""
+    if getattr(args, "metrics", None):
+        from lingbot.fsutil import write_json
+
+        write_json(Path(args.metrics), {k: v for k, v in data.items() if isinstance(v, (int, float, bool))})
+
+
 def cmd_collect(args) -> int:
     from lingbot.data.collect import collect
 
@@ -39,6 +47,7 @@ def cmd_collect(args) -> int:
         changes["cameras"] = tuple(args.camera)
     cfg = dataclasses.replace(cfg, **changes)
     report = collect(cfg, Path(args.out), progress=not args.quiet)
+    _write_metrics(args, report)
     _print_json(report)
     return 0
 
@@ -55,7 +64,9 @@ def cmd_ingest(args) -> int:
     if args.action:
         changes["action"] = args.action
     cfg = dataclasses.replace(cfg, **changes)
-    _print_json(ingest(cfg, Path(args.out)))
+    report = ingest(cfg, Path(args.out))
+    _write_metrics(args, report)
+    _print_json(report)
     return 0
 
 
@@ -64,6 +75,7 @@ def cmd_validate(args) -> int:
 
     cfg = _run_config(args).validate
     report = validate(Path(args.dir), cfg, report_dir=Path(args.report) if args.report else None)
+    _write_metrics(args, {**report, "failed": len(report["failed"])})
     if not report["success"]:
         for line in report["failures_text"]:
             print(line)
@@ -103,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="rollout processes")
     p.add_argument("--out", required=True, help="dataset directory to write (replaced atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
     p.set_defaults(func=cmd_collect)
 
     p = with_config(sub.add_parser("ingest", help="take in a LeRobot v3 dataset: keys, split, stats"))
@@ -111,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", help="state feature key (default observation.state)")
     p.add_argument("--action", help="action feature key (default action)")
     p.add_argument("--out", required=True, help="ingest directory to write (replaced atomically)")
+    p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
     p.set_defaults(func=cmd_ingest)
 
     p = with_config(sub.add_parser("validate", help="Great Expectations gate over an ingested dataset"))
     p.add_argument("dir", help="ingest directory (or a bare LeRobot v3 dataset directory)")
     p.add_argument("--report", help="directory for report.json and GX data docs")
+    p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")

@@ -88,6 +88,18 @@ def _rollout_job(job: tuple[str, int, CollectConfig]) -> Episode:
     return rollout_expert(*job)
 
 
+def quiet_encoders() -> None:
+    """Keep SVT-AV1's banner, FFmpeg's muxer chatter and datasets' per-episode bars off the console."""
+    import os
+
+    import av
+    import datasets
+
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1: errors only
+    av.logging.set_level(av.logging.ERROR)
+    datasets.disable_progress_bars()
+
+
 def dataset_features(cfg: CollectConfig) -> dict:
     from lingbot.sim.metaworld import ACTION_NAMES, STATE_NAMES
 
@@ -132,6 +144,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True) -> dict:
     from lingbot.sim.metaworld import SIM_HZ, task_description
 
     _check(cfg)
+    quiet_encoders()
     fps = SIM_HZ // cfg.action_repeat
     max_attempts = cfg.episodes * cfg.max_attempts_factor
     kept = {t: 0 for t in cfg.tasks}
