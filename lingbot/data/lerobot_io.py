@@ -93,12 +93,12 @@ class DatasetLayout:
         return self.root / rel
 
 
-def _read_parquet(path: Path, columns: list[str] | None = None):
+def _read_parquet(path: Path, columns: list[str] | None = None, schema_only: bool = False):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_schema(path) if schema_only else pq.read_table(path, columns=columns)
     except FileNotFoundError:
         raise LingbotError(f"{path}: parquet file missing") from None
     except (pa.ArrowInvalid, OSError) as exc:
@@ -160,12 +160,18 @@ def open_layout(root: Path) -> DatasetLayout:
 
 
 def read_frames(layout: DatasetLayout, columns: list[str] | None = None):
-    """The frame table (all data parquet files, in episode order) as a pyarrow Table."""
+    """The frame table (all data parquet files, in episode order) as a pyarrow Table.
+
+    Requested columns that no file has are left out (the caller's expectations report them).
+    """
     import pyarrow as pa
 
-    tables = [_read_parquet(p, columns) for p in layout.data_files]
-    table = pa.concat_tables(tables)
-    return table
+    if columns is not None:
+        present = set()
+        for path in layout.data_files:
+            present |= set(_read_parquet(path, schema_only=True).names)
+        columns = [c for c in columns if c in present]
+    return pa.concat_tables([_read_parquet(p, columns) for p in layout.data_files])
 
 
 def check_keys(layout: DatasetLayout, keys: list[str]) -> None:

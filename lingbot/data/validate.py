@@ -96,13 +96,7 @@ def frame_table(layout: DatasetLayout, keys: dict, cfg: ValidateConfig):
     """The frame table as pandas, vector columns flattened, with derived per-frame checks added."""
     import pandas as pd
 
-    wanted = [c for c in (*FRAME_COLUMNS, keys["state"], keys["action"])]
-    present = set()
-    for path in layout.data_files:
-        from pyarrow.parquet import read_schema
-
-        present |= set(read_schema(path).names)
-    table = read_frames(layout, [c for c in wanted if c in present])
+    table = read_frames(layout, [*FRAME_COLUMNS, keys["state"], keys["action"]])
     columns: dict = {c: table.column(c).to_numpy() for c in FRAME_COLUMNS if c in table.column_names}
     _flatten(table, keys["state"], columns)
     _flatten(table, keys["action"], columns)

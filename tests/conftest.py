@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny collected + ingested dataset per test session, copied before corruption."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from lingbot.config import preset
+
+    return preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def collected(tmp_path_factory, tiny_config) -> tuple[Path, dict]:
+    """A tiny scripted-expert dataset (2 tasks x 2 episodes, 32x32, 2 cameras) and collect's report."""
+    from lingbot.data.collect import collect
+
+    out = tmp_path_factory.mktemp("collected") / "dataset"
+    report = collect(tiny_config.collect, out, progress=False)
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def ingested(tmp_path_factory, collected, tiny_config) -> Path:
+    from lingbot.data.ingest import ingest
+
+    out = tmp_path_factory.mktemp("ingested") / "demos"
+    ingest(dataclasses.replace(tiny_config.ingest, source=str(collected[0])), out)
+    return out
+
+
+@pytest.fixture
+def demos_copy(ingested, tmp_path) -> Path:
+    """A private copy of the ingested directory, free to corrupt."""
+    target = tmp_path / "demos"
+    shutil.copytree(ingested, target)
+    return target
