@@ -46,8 +46,13 @@ _ENVS: dict[tuple, object] = {}
 
 def rollout_expert(task: str, seed: int, cfg: CollectConfig) -> Episode:
     """Run the scripted expert once; record (obs, action) pairs at fps = SIM_HZ / action_repeat."""
+    import warnings
+
     from lingbot.sim.metaworld import MetaWorldEnv, expert_policy
 
+    # MetaWorld's experts warn on every construction that their gains exceed the action range; the
+    # env clips, and so do we, explicitly.
+    warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
     key = (task, cfg.image_size, cfg.cameras)
     if key not in _ENVS:  # env construction costs ~0.2 s: reuse one per task in each worker
         _ENVS[key] = (MetaWorldEnv(task, cfg.image_size, cfg.cameras), expert_policy(task))
@@ -163,7 +168,11 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True) -> dict:
             root=tmp,
             robot_type=ROBOT_TYPE,
             use_videos=True,
+            # Encode while collecting (no PNG round trip). LeRobot's encoder *drops* frames when its
+            # queue is full, which happens on a busy 2-core machine at the default size (30): the
+            # queue must hold a whole episode (validate's video frame count caught this).
             streaming_encoding=True,
+            encoder_queue_maxsize=cfg.max_steps + 1,
         )
         bar = tqdm(total=cfg.episodes * len(cfg.tasks), desc="collect", unit="ep", disable=not progress)
         next_attempt = {t: 0 for t in cfg.tasks}

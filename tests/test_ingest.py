@@ -1,0 +1,127 @@
+"""Ingest takes any LeRobot v3 dataset: one written by LeRobot itself, one from the Hub (cached)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lingbot.config import IngestConfig, ValidateConfig
+from lingbot.data.ingest import ingest, split_episodes
+from lingbot.data.validate import validate
+from lingbot.errors import LingbotError
+
+
+@pytest.fixture(scope="module")
+def lerobot_made(tmp_path_factory):
+    """A dataset made with LeRobotDataset.create directly: other keys, fps, shapes and robot than collect."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    root = tmp_path_factory.mktemp("lerobot") / "so100"
+    features = {
+        "observation.state": {"dtype": "float32", "shape": (6,), "names": [f"joint{i}" for i in range(6)]},
+        "action": {"dtype": "float32", "shape": (6,), "names": [f"joint{i}" for i in range(6)]},
+        "observation.images.top": {"dtype": "video", "shape": (48, 64, 3), "names": ["height", "width", "channels"]},
+    }
+    ds = LeRobotDataset.create("someone/so100_pick", fps=10, features=features, root=root, robot_type="so100",
+                               streaming_encoding=True)
+    rng = np.random.default_rng(0)
+    lengths = [12, 15, 9, 11]
+    for ep, length in enumerate(lengths):
+        for t in range(length):
+            ds.add_frame({
+                "observation.state": rng.normal(size=6).astype(np.float32),
+                "action": rng.uniform(-1, 1, size=6).astype(np.float32),
+                "observation.images.top": rng.integers(0, 255, size=(48, 64, 3), dtype=np.uint8),
+                "task": "pick the cube" if ep % 2 == 0 else "place the cube",
+            })
+        ds.save_episode()
+    ds.finalize()
+    return root, lengths
+
+
+def test_ingest_a_dataset_made_by_lerobot(lerobot_made, tmp_path):
+    import pyarrow.parquet as pq
+
+    root, lengths = lerobot_made
+    out = tmp_path / "demos"
+    report = ingest(IngestConfig(source=str(root), val_fraction=0.5), out)
+    assert report["episodes"] == 4 and report["frames"] == sum(lengths)
+    manifest = json.loads((out / "lingbot.json").read_text())
+    assert manifest["fps"] == 10 and manifest["robot_type"] == "so100"
+    assert manifest["keys"]["cameras"] == ["observation.images.top"]
+    assert manifest["shapes"]["observation.images.top"] == [48, 64, 3]
+    assert manifest["tasks"] == ["pick the cube", "place the cube"]
+
+    split = json.loads((out / "split.json").read_text())
+    assert sorted(split["train"] + split["val"]) == [0, 1, 2, 3]
+    assert not set(split["train"]) & set(split["val"])
+    assert len(split["val"]) == 2  # one per task at val_fraction 0.5
+
+    # q01/q99 are measured on train frames only, per dimension.
+    frames = pq.read_table(next((root / "data").rglob("*.parquet"))).to_pandas()
+    train = frames[frames["episode_index"].isin(split["train"])]
+    action = np.stack(train["action"].to_numpy())
+    stats = json.loads((out / "stats.json").read_text())
+    np.testing.assert_allclose(stats["action"]["q01"], np.quantile(action, 0.01, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats["action"]["q99"], np.quantile(action, 0.99, axis=0), rtol=1e-6)
+    assert len(stats["observation.state"]["q01"]) == 6
+
+    # The copied dataset is whole and passes the gate (states here are N(0,1): inside the bound).
+    report = validate(out, ValidateConfig(min_episode_length=5))
+    assert report["success"], report["failures_text"]
+
+
+def test_ingest_from_the_hub_cache(lerobot_made, tmp_path, monkeypatch):
+    """`org/name@rev` goes through huggingface_hub.snapshot_download; offline it is served from the cache."""
+    root, _ = lerobot_made
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "datasets--someone--so100_pick"
+    shutil.copytree(root, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "v1.0").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+    out = tmp_path / "demos"
+    ingest(IngestConfig(source="someone/so100_pick@v1.0"), out)
+    source = json.loads((out / "lingbot.json").read_text())["source"]
+    assert source == {"spec": "someone/so100_pick@v1.0", "repo_id": "someone/so100_pick",
+                      "revision": "v1.0", "commit": commit}
+
+    with pytest.raises(LingbotError, match="not in the local Hugging Face cache"):
+        ingest(IngestConfig(source="someone/so100_pick@v2.0"), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_ingest_rejects_unknown_keys_without_writing(collected, tmp_path):
+    out = tmp_path / "demos"
+    with pytest.raises(LingbotError, match="feature 'observation.images.wrist' not in dataset"):
+        ingest(IngestConfig(source=str(collected[0]), cameras=("observation.images.wrist",)), out)
+    assert not out.exists() and not list(tmp_path.glob(".demos*"))
+    with pytest.raises(LingbotError, match="no such dataset directory"):
+        ingest(IngestConfig(source=str(tmp_path / "nowhere")), out)
+
+
+def test_split_is_stratified_and_seeded():
+    tasks = {i: ("a" if i < 10 else "b") for i in range(14)}
+    split = split_episodes(tasks, 0.2, seed=3)
+    assert split == split_episodes(tasks, 0.2, seed=3)
+    assert split != split_episodes(tasks, 0.2, seed=4)
+    assert sum(1 for e in split["val"] if e < 10) == 2 and sum(1 for e in split["val"] if e >= 10) == 1
+
+
+def test_cli_help_is_fast_to_import():
+    """`lingbot --help` must not import the heavy stack (torch, lerobot, GX, prefect, mujoco)."""
+    code = ("import sys; from lingbot.cli import build_parser; build_parser().format_help();"
+            "heavy = [m for m in ('torch', 'lerobot', 'great_expectations', 'prefect', 'mujoco') if m in sys.modules];"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

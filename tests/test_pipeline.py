@@ -1,0 +1,68 @@
+"""`dvc repro` over the real dvc.yaml and stages on a tiny params set: runs, caches, and gates."""
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+TINY_PARAMS = {
+    "preset": "tiny",
+    "collect": {"episodes": 2},
+    "ingest": {"val_fraction": 0.5},
+    "validate": {"min_episode_length": 8},
+}
+
+
+def _dvc(workdir, *args, check=True):
+    proc = subprocess.run(["dvc", *args], cwd=workdir, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    if shutil.which("dvc") is None:
+        pytest.fail("dvc is not on PATH: run the tests through .ci/env")
+    work = tmp_path_factory.mktemp("project")
+    for name in ("lingbot", "stages"):
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    (work / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    _dvc(work, "init", "--no-scm", "-q")
+    _dvc(work, "config", "core.analytics", "false")
+    return work
+
+
+def test_repro_runs_caches_and_reruns_only_downstream(project):
+    first = _dvc(project, "repro")
+    for stage in ("collect", "ingest", "validate"):
+        assert f"Running stage '{stage}'" in first.stdout
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"collect", "ingest", "validate"}
+    assert (project / "data" / "demos" / "stats.json").is_file()
+    assert yaml.safe_load((project / "reports" / "validate.json").read_text())["success"] is True
+
+    again = _dvc(project, "repro")
+    assert "Running stage" not in again.stdout
+
+    params = dict(TINY_PARAMS, ingest={"val_fraction": 0.0})
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    changed = _dvc(project, "repro")
+    assert "Running stage 'collect'" not in changed.stdout
+    assert "Running stage 'ingest'" in changed.stdout and "Running stage 'validate'" in changed.stdout
+
+
+def test_failed_validation_stops_the_chain(project):
+    params = dict(TINY_PARAMS, validate={"min_episode_length": 8, "action_max": 0.01})
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    before = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["validate"]
+    failed = _dvc(project, "repro", check=False)
+    assert failed.returncode != 0
+    assert "FAILED expect_column_values_to_be_between column=action[" in failed.stdout + failed.stderr
+    after = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["validate"]
+    assert after == before  # the failed stage was not recorded as done
+    assert (project / "data" / "demos" / "split.json").is_file()  # upstream outputs untouched
