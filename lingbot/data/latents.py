@@ -1,0 +1,326 @@
+"""The latent cache: every episode encoded once by the causal VAE, read by training as windows of chunks.
+
+Layout of a cache directory::
+
+    manifest.json            format, fingerprints (dataset, VAE, params, text encoder), shapes, the
+                             action/state normalisation stats, and every episode's shard and length
+    tasks.safetensors        "embeddings": (n_tasks, tokens, dim) float32, frozen text encoder output
+    shard-00000.safetensors  for each episode e of the shard:
+        "e/video"        (L, cams, z, h, w) float32  normalised VAE latents, L = 1 + (F - 1) // 4
+        "e/actions"      (L, k, A) float32           raw actions realising latent frame j (row 0: zeros)
+        "e/action_mask"  (L, k) uint8                1 where an action exists
+        "e/state"        (L, S) float32              robot state at the last frame of latent frame j
+
+Alignment (k = 4 * frame_stride actions per latent frame): video frame i is dataset frame
+i * frame_stride. Latent 0 is video frame 0 alone; latent j >= 1 covers video frames 4j-3 .. 4j, and
+its actions are dataset actions s(4j-4) .. s(4j)-1: the ones executed from the previous latent's last
+frame up to this one's last frame (the inverse-dynamics target).
+
+Shards are written to a temporary file and renamed; the manifest is written first. Rerunning encodes
+only missing shards; a cache whose manifest fingerprints differ from the current inputs is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lingbot.config import LatentsConfig
+from lingbot.errors import LingbotError
+from lingbot.fsutil import atomic_file, write_json
+
+FORMAT = "lingbot-latents/1"
+TEMPORAL_GROUP = 4
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def vae_fingerprint(vae_dir: Path) -> str:
+    """sha256 over the VAE directory's config and weights (latent stats live in the config)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(vae_dir).rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".safetensors"):
+            digest.update(path.name.encode())
+            digest.update(_sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def demos_fingerprint(demos: Path) -> str:
+    """The ingested dataset: its content fingerprint plus the split and stats derived from it."""
+    digest = hashlib.sha256()
+    for name in ("lingbot.json", "split.json", "stats.json"):
+        digest.update((Path(demos) / name).read_bytes())
+    return digest.hexdigest()
+
+
+def latent_alignment(n_frames: int, frame_stride: int) -> tuple[np.ndarray, int]:
+    """(dataset frame index of each video frame fed to the VAE, latent frame count) for an episode."""
+    video = np.arange(0, n_frames, frame_stride)
+    n_latent = 1 + (len(video) - 1) // TEMPORAL_GROUP
+    return video[: 1 + TEMPORAL_GROUP * (n_latent - 1)], n_latent
+
+
+def align_episode(actions: np.ndarray, states: np.ndarray, frame_stride: int):
+    """Per latent frame: (L, k, A) actions, (L, k) mask, (L, S) states, following the module docstring."""
+    _, n_latent = latent_alignment(len(actions), frame_stride)
+    k = TEMPORAL_GROUP * frame_stride
+    out_actions = np.zeros((n_latent, k, actions.shape[1]), np.float32)
+    mask = np.zeros((n_latent, k), np.uint8)
+    out_states = np.zeros((n_latent, states.shape[1]), np.float32)
+    out_states[0] = states[0]
+    for j in range(1, n_latent):
+        lo, hi = frame_stride * (TEMPORAL_GROUP * j - TEMPORAL_GROUP), frame_stride * TEMPORAL_GROUP * j
+        out_actions[j] = actions[lo:hi]
+        mask[j] = 1
+        out_states[j] = states[hi]
+    return out_actions, mask, out_states
+
+
+def _episode_arrays(layout, episodes: list[int], state_key: str, action_key: str):
+    from lingbot.data.lerobot_io import column_array, read_frames
+
+    table = read_frames(layout, ["episode_index", state_key, action_key])
+    index = np.asarray(table.column("episode_index").to_numpy())
+    where = layout.data_files[0].parent
+    states, actions = column_array(table, state_key, where), column_array(table, action_key, where)
+    return {ep: (actions[index == ep].astype(np.float32), states[index == ep].astype(np.float32)) for ep in episodes}
+
+
+def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard: tuple[int, int] = (0, 1),
+                rebuild: bool = False, progress: bool = True) -> dict:
+    """Encode the ingested dataset at `demos` with the VAE at `vae_dir` into the cache at `out`."""
+    from tqdm import tqdm
+
+    from lingbot.data.lerobot_io import iter_episode_frames, open_layout
+    from lingbot.data.text import embed_tasks, encoder_fingerprint
+    from lingbot.vae.wan import encode_clip, load_vae, to_pixels
+
+    t0 = time.perf_counter()
+    demos, out = Path(demos), Path(out)
+    index, count = shard
+    if not 0 <= index < count:
+        raise LingbotError(f"cache_latents: shard {index}/{count} is out of range")
+    for path in (demos / "lingbot.json", demos / "split.json", demos / "stats.json"):
+        if not path.is_file():
+            raise LingbotError(f"{path}: missing; run `lingbot ingest` first")
+    if not (Path(vae_dir) / "config.json").is_file():
+        raise LingbotError(f"{vae_dir}: no VAE here (config.json missing); run `lingbot fit-vae` first")
+    info = json.loads((demos / "lingbot.json").read_text())
+    split = json.loads((demos / "split.json").read_text())
+    stats = json.loads((demos / "stats.json").read_text())
+    keys = info["keys"]
+    layout = open_layout(demos / "dataset")
+    episodes = sorted(int(e) for e in layout.episodes["episode_index"])
+    ep_rows = {int(r["episode_index"]): r for r in layout.episodes.to_dict("records")}
+    tasks = info["tasks"]
+    fingerprints = {
+        "dataset": demos_fingerprint(demos),
+        "vae": vae_fingerprint(vae_dir),
+        "params": hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest(),
+        "text_encoder": encoder_fingerprint(cfg.text_encoder),
+    }
+    shards = [episodes[i : i + cfg.episodes_per_shard] for i in range(0, len(episodes), cfg.episodes_per_shard)]
+    vae = load_vae(vae_dir)
+    manifest = {
+        "format": FORMAT,
+        "fingerprints": fingerprints,
+        "cameras": keys["cameras"],
+        "state_key": keys["state"],
+        "action_key": keys["action"],
+        "fps": info["fps"],
+        "frame_stride": cfg.frame_stride,
+        "actions_per_latent": TEMPORAL_GROUP * cfg.frame_stride,
+        "z_dim": int(vae.config.z_dim),
+        "text_encoder": cfg.text_encoder,
+        "tasks": tasks,
+        "stats": {"state": stats[keys["state"]], "action": stats[keys["action"]]},
+        "shards": [f"shard-{i:05d}.safetensors" for i in range(len(shards))],
+        "episodes": {},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    old = out / "manifest.json"
+    if old.is_file():
+        previous = json.loads(old.read_text())
+        differs = [k for k, v in fingerprints.items() if previous.get("fingerprints", {}).get(k) != v]
+        if differs and not rebuild:
+            raise LingbotError(
+                f"{out}: cache built from other inputs ({', '.join(differs)} fingerprint differs); "
+                "delete it or pass --rebuild"
+            )
+        if differs:
+            for stale in out.glob("*.safetensors"):
+                stale.unlink()
+    # Episode lengths and splits are known before encoding: the manifest is complete from the start.
+    val = set(split["val"])
+    task_of = {}
+    for ep in episodes:
+        row_tasks = list(ep_rows[ep].get("tasks") or [])
+        task_of[ep] = tasks.index(str(row_tasks[0]))
+    for s, shard_eps in enumerate(shards):
+        for ep in shard_eps:
+            _, n_latent = latent_alignment(int(ep_rows[ep]["length"]), cfg.frame_stride)
+            manifest["episodes"][str(ep)] = {
+                "shard": s, "latent_frames": n_latent, "task_index": task_of[ep],
+                "split": "val" if ep in val else "train",
+            }
+    write_json(out / "manifest.json", manifest)
+    if not (out / "tasks.safetensors").is_file():
+        from safetensors.numpy import save_file
+
+        with atomic_file(out / "tasks.safetensors") as tmp:
+            save_file({"embeddings": embed_tasks(cfg.text_encoder, tasks)}, str(tmp))
+
+    mine = [s for s in range(len(shards)) if s % count == index]
+    todo = [s for s in mine if not (out / manifest["shards"][s]).is_file()]
+    arrays = _episode_arrays(layout, episodes, keys["state"], keys["action"]) if todo else {}
+    frames_encoded = 0
+    encode_s = 0.0
+    bar = tqdm(total=sum(len(shards[s]) for s in todo), desc="cache_latents", unit="ep", disable=not progress)
+    for s in todo:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for ep in shards[s]:
+            n_frames = int(ep_rows[ep]["length"])
+            video_index, n_latent = latent_alignment(n_frames, cfg.frame_stride)
+            per_camera = []
+            for key in keys["cameras"]:
+                ((_, frames, error),) = list(iter_episode_frames(layout, key, [ep]))
+                if error:
+                    raise LingbotError(error)
+                if len(frames) != n_frames:
+                    raise LingbotError(f"episode {ep}, {key}: video has {len(frames)} frames, parquet {n_frames}")
+                t = time.perf_counter()
+                latents = encode_clip(vae, to_pixels(frames[video_index]))[0]  # (z, L, h, w)
+                encode_s += time.perf_counter() - t
+                frames_encoded += len(video_index)
+                per_camera.append(latents.transpose(0, 1))  # (L, z, h, w)
+            actions, mask, states = align_episode(*arrays[ep], cfg.frame_stride)
+            tensors[f"{ep}/video"] = torch.stack(per_camera, dim=1).contiguous()  # (L, cams, z, h, w)
+            tensors[f"{ep}/actions"] = torch.from_numpy(actions)
+            tensors[f"{ep}/action_mask"] = torch.from_numpy(mask)
+            tensors[f"{ep}/state"] = torch.from_numpy(states)
+            bar.update(1)
+        with atomic_file(out / manifest["shards"][s]) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        del tensors  # memory holds one shard at a time
+    bar.close()
+    return {
+        "episodes": len(episodes),
+        "shards": len(shards),
+        "shards_written": len(todo),
+        "frames_encoded": frames_encoded,
+        "encode_frames_per_s": round(frames_encoded / encode_s, 1) if encode_s else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def open_manifest(cache: Path, expect: dict | None = None) -> dict:
+    """Read and check a cache's manifest; `expect` fingerprints (e.g. {"vae": ...}) must match."""
+    path = Path(cache) / "manifest.json"
+    if not path.is_file():
+        raise LingbotError(f"{path}: missing; run `lingbot cache-latents` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise LingbotError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for key, value in (expect or {}).items():
+        if manifest["fingerprints"].get(key) != value:
+            raise LingbotError(f"{path}: cache built from another {key} (fingerprint differs); rebuild it")
+    missing = [s for s in manifest["shards"] if not (Path(cache) / s).is_file()]
+    if missing:
+        raise LingbotError(f"{cache}: incomplete cache, {len(missing)} shard(s) missing (first: {missing[0]})")
+    return manifest
+
+
+def normalize(x: torch.Tensor, stats: dict) -> torch.Tensor:
+    """Map q01..q99 to -1..1 per dimension (LingBot-VA's quantile normalisation)."""
+    lo = torch.tensor(stats["q01"], dtype=x.dtype)
+    hi = torch.tensor(stats["q99"], dtype=x.dtype)
+    return 2 * (x - lo) / (hi - lo).clamp_min(1e-6) - 1
+
+
+class LatentWindows(torch.utils.data.Dataset):
+    """Random windows of consecutive chunks from the cache, memory-mapped, ready for the model.
+
+    Item i is an episode of the split; each draw picks a window length in [min_chunks, max_chunks]
+    (capped by the episode) and a start, from a generator seeded by (seed, epoch, i). Returns:
+      video (n, cams, z, h, w), actions (n, k, A) and state (n, S) quantile-normalised,
+      action_mask (n, k), task (tokens, dim), plus episode and start indices.
+    """
+
+    def __init__(self, cache: Path, split: str = "train", min_chunks: int = 2, max_chunks: int = 8,
+                 seed: int = 0, expect: dict | None = None):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        self.cache = Path(cache)
+        self.manifest = open_manifest(self.cache, expect)
+        self.episodes = sorted(int(e) for e, m in self.manifest["episodes"].items() if m["split"] == split)
+        if not self.episodes:
+            raise LingbotError(f"{self.cache}: no {split} episodes in the cache")
+        self.min_chunks, self.max_chunks, self.seed, self.epoch = min_chunks, max_chunks, seed, 0
+        self.tasks = load_file(str(self.cache / "tasks.safetensors"))["embeddings"]
+        self._safe_open = safe_open
+        self._handles: dict[int, object] = {}
+
+    def __getstate__(self) -> dict:
+        # Open shard handles stay behind: each DataLoader worker maps the files itself.
+        return {**self.__dict__, "_handles": {}}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def _shard(self, shard: int):
+        # Opened lazily per process (DataLoader workers fork after __init__): safetensors mmaps the file.
+        if shard not in self._handles:
+            path = self.cache / self.manifest["shards"][shard]
+            self._handles[shard] = self._safe_open(str(path), framework="pt")
+        return self._handles[shard]
+
+    def window(self, episode: int, start: int, length: int) -> dict:
+        meta = self.manifest["episodes"][str(episode)]
+        f = self._shard(meta["shard"])
+        sl = slice(start, start + length)
+        stats = self.manifest["stats"]
+        return {
+            "video": f.get_slice(f"{episode}/video")[sl],
+            "actions": normalize(f.get_slice(f"{episode}/actions")[sl], stats["action"]),
+            "action_mask": f.get_slice(f"{episode}/action_mask")[sl].bool(),
+            "state": normalize(f.get_slice(f"{episode}/state")[sl], stats["state"]),
+            "task": self.tasks[meta["task_index"]],
+            "episode": episode,
+            "start": start,
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        episode = self.episodes[i]
+        n_latent = self.manifest["episodes"][str(episode)]["latent_frames"]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        length = int(rng.integers(min(self.min_chunks, n_latent), min(self.max_chunks, n_latent) + 1))
+        start = int(rng.integers(0, n_latent - length + 1))
+        return self.window(episode, start, length)
+
+
+def collate_windows(items: list[dict]) -> dict:
+    """Batch windows of different lengths by cropping each to the shortest (keeping its start)."""
+    n = min(len(item["video"]) for item in items)
+    batch = {key: torch.stack([item[key][:n] for item in items]) for key in ("video", "actions", "action_mask", "state")}
+    batch["task"] = torch.stack([item["task"] for item in items])
+    batch["episode"] = torch.tensor([item["episode"] for item in items])
+    batch["start"] = torch.tensor([item["start"] for item in items])
+    return batch

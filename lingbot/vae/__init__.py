@@ -1,0 +1,1 @@
+"""Causal video VAE: diffusers AutoencoderKLWan, pretrained or trained here; streaming encode."""

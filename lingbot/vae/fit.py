@@ -1,0 +1,201 @@
+"""Stage fit_vae: train the small causal VAE on demo frames (or take a pretrained one), score it on
+held-out episodes (PSNR, SSIM), measure per-channel latent statistics, and save it in diffusers layout.
+
+Output directory: `config.json` (with `latents_mean` / `latents_std`) + `diffusion_pytorch_model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lingbot.config import VAEConfig
+from lingbot.data.lerobot_io import iter_episode_frames, open_layout
+from lingbot.errors import LingbotError
+from lingbot.fsutil import atomic_dir, atomic_file
+from lingbot.vae.wan import build_vae, encode_clip, load_vae, to_pixels, usable_frames
+
+EVAL_FRAMES = 17  # 1 + 4*4 frames scored per held-out episode and camera
+STATS_CLIPS = 48  # training clips encoded to measure the latent normalisation
+
+
+def read_demos(demos: Path) -> tuple[dict, dict, object]:
+    """(lingbot.json, split.json, dataset layout) of an ingest directory."""
+    demos = Path(demos)
+    for name in ("lingbot.json", "split.json"):
+        if not (demos / name).is_file():
+            raise LingbotError(f"{demos / name}: missing; run `lingbot ingest` first")
+    manifest = json.loads((demos / "lingbot.json").read_text())
+    split = json.loads((demos / "split.json").read_text())
+    return manifest, split, open_layout(demos / "dataset")
+
+
+def load_frames(layout, cameras: list[str], episodes: list[int]) -> list[np.ndarray]:
+    """Every (T, H, W, 3) uint8 clip of `episodes` x `cameras`; a broken video is a one-line error."""
+    clips = []
+    for key in cameras:
+        for ep, frames, error in iter_episode_frames(layout, key, episodes):
+            if error:
+                raise LingbotError(error)
+            clips.append(frames)
+    return clips
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(a, b).item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM (11x11 Gaussian window, sigma 1.5) of (N, C, H, W) images in [-1, 1]."""
+    a, b = (a + 1) / 2, (b + 1) / 2
+    coords = torch.arange(11, dtype=a.dtype) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(a.shape[1], 1, 11, 11)
+
+    def blur(x):
+        return F.conv2d(x, window, groups=a.shape[1])
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())
+
+
+def _sample_batch(clips: list[np.ndarray], cfg: VAEConfig, rng: np.random.Generator) -> torch.Tensor:
+    batch = []
+    for _ in range(cfg.batch_size):
+        clip = clips[rng.integers(len(clips))]
+        start = rng.integers(0, len(clip) - cfg.clip_frames + 1)
+        batch.append(clip[start : start + cfg.clip_frames])
+    return to_pixels(np.stack(batch))
+
+
+def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True) -> list[dict]:
+    """Reconstruction (MSE + L1) + KL on random clips; AdamW with cosine decay. Returns the loss log."""
+    from tqdm import tqdm
+
+    clips = [c for c in clips if len(c) >= cfg.clip_frames]
+    if not clips:
+        raise LingbotError(f"fit_vae: no training episode has {cfg.clip_frames} frames")
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, cfg.steps)))
+    )
+    vae.train()
+    log = []
+    bar = tqdm(range(cfg.steps), desc="fit_vae", disable=not progress)
+    for step in bar:
+        x = _sample_batch(clips, cfg, rng)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        entry = {"step": step, "loss": loss.item(), "psnr": psnr(recon.detach(), x), "lr": sched.get_last_lr()[0]}
+        log.append(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.4f}", psnr=f"{entry['psnr']:.1f}")
+    vae.eval()
+    return log
+
+
+@torch.no_grad()
+def evaluate(vae, clips: list[np.ndarray]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """PSNR/SSIM of deterministic (posterior mean) reconstructions of the first EVAL_FRAMES frames."""
+    originals, recons = [], []
+    for clip in clips:
+        n = usable_frames(min(len(clip), EVAL_FRAMES))
+        x = to_pixels(clip[:n])
+        z = vae.encode(x).latent_dist.mean
+        originals.append(x[0].transpose(0, 1))  # (T, 3, H, W)
+        recons.append(vae.decode(z).sample.clamp(-1, 1)[0].transpose(0, 1))
+    a, b = torch.cat(originals), torch.cat(recons)
+    return {"psnr_db": round(psnr(b, a), 3), "ssim": round(ssim(b, a), 4), "eval_frames": int(len(a))}, a, b
+
+
+@torch.no_grad()
+def measure_latent_stats(vae, clips: list[np.ndarray]) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the raw posterior-mean latents over all given clips."""
+    total = total_sq = None
+    count = 0
+    for clip in clips:
+        n = usable_frames(len(clip))
+        z = encode_clip(vae, to_pixels(clip[:n]), normalize=False)  # (1, z, t, h, w)
+        z = z.transpose(0, 1).reshape(z.shape[1], -1).double()
+        total = z.sum(1) if total is None else total + z.sum(1)
+        total_sq = (z**2).sum(1) if total_sq is None else total_sq + (z**2).sum(1)
+        count += z.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int = 8) -> None:
+    """PNG: n held-out frames (spread over the set) on top, their reconstructions below."""
+    from PIL import Image
+
+    idx = torch.linspace(0, len(originals) - 1, n).long()
+
+    def row(x):
+        x = ((x[idx] + 1) * 127.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        return np.concatenate(list(x), axis=1)
+
+    grid = np.concatenate([row(originals), row(recons)], axis=0)
+    with atomic_file(Path(path)) as tmp:
+        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(tmp, format="PNG")
+
+
+def fit_vae(cfg: VAEConfig, demos: Path, out: Path, grid_png: Path | None = None,
+            log_tsv: Path | None = None, progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    manifest, split, layout = read_demos(demos)
+    cameras = manifest["keys"]["cameras"]
+    val = split["val"][: cfg.eval_episodes] or split["train"][: cfg.eval_episodes]
+    train_clips = load_frames(layout, cameras, split["train"])
+    val_clips = load_frames(layout, cameras, val)
+    if cfg.pretrained:
+        vae = load_vae(cfg.pretrained, cfg.subfolder)
+        log = []
+    else:
+        vae = build_vae(cfg)
+        log = train(vae, train_clips, cfg, progress)
+    metrics, originals, recons = evaluate(vae, val_clips)
+    # A spread sample of training clips pins the per-channel statistics well; all of them costs minutes.
+    mean, std = measure_latent_stats(vae, train_clips[:: max(1, len(train_clips) // STATS_CLIPS)])
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    with atomic_dir(Path(out)) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+    if grid_png is not None:
+        save_grid(originals, recons, grid_png)
+    if log_tsv is not None and log:
+        with atomic_file(Path(log_tsv)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("step\tloss\tpsnr\tlr\n")
+                for e in log:
+                    f.write(f"{e['step']}\t{e['loss']:.6f}\t{e['psnr']:.3f}\t{e['lr']:.6g}\n")
+    params = sum(p.numel() for p in vae.parameters())
+    return {
+        **metrics,
+        "params": int(params),
+        "z_dim": int(vae.config.z_dim),
+        "steps": len(log),
+        "train_clips": len(train_clips),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

@@ -1,0 +1,124 @@
+"""The latent cache: alignment on a known episode, resume, refusal of foreign inputs, the windows Dataset."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lingbot.config import LatentsConfig
+from lingbot.data.latents import LatentWindows, build_cache, collate_windows, open_manifest, vae_fingerprint
+from lingbot.data.lerobot_io import iter_episode_frames, open_layout
+from lingbot.errors import LingbotError
+from lingbot.vae.wan import encode_clip, load_vae, to_pixels
+
+ONE_PER_SHARD = LatentsConfig(episodes_per_shard=1)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, ingested, vae_dir):
+    out = tmp_path_factory.mktemp("latents") / "cache"
+    report = build_cache(ingested, vae_dir, out, ONE_PER_SHARD, progress=False)
+    return out, report
+
+
+def test_cache_aligns_latents_actions_and_states_of_a_known_episode(cache, ingested, vae_dir):
+    from safetensors.torch import load_file
+
+    out, report = cache
+    manifest = open_manifest(out)
+    assert report["episodes"] == report["shards"] == len(manifest["episodes"])
+    episode = 1
+    meta = manifest["episodes"][str(episode)]
+    tensors = load_file(str(out / manifest["shards"][meta["shard"]]))
+    video, actions = tensors[f"{episode}/video"], tensors[f"{episode}/actions"]
+    mask, state = tensors[f"{episode}/action_mask"], tensors[f"{episode}/state"]
+
+    frames = pq.read_table(next((ingested / "dataset" / "data").rglob("*.parquet"))).to_pandas()
+    frames = frames[frames["episode_index"] == episode]
+    raw_actions = np.stack(frames["action"].to_numpy())
+    raw_state = np.stack(frames["observation.state"].to_numpy())
+    n_latent = 1 + (len(frames) - 1) // 4
+    assert meta["latent_frames"] == n_latent == len(video) == len(actions) == len(state)
+    assert manifest["actions_per_latent"] == 4 and actions.shape[1:] == (4, 4)
+    assert not mask[0].any() and mask[1:].all() and torch.all(actions[0] == 0)
+    for j in range(1, n_latent):  # latent j <- frames 4j-3..4j, realised by actions 4j-4..4j-1
+        np.testing.assert_array_equal(actions[j].numpy(), raw_actions[4 * j - 4 : 4 * j])
+        np.testing.assert_array_equal(state[j].numpy(), raw_state[4 * j])
+    np.testing.assert_array_equal(state[0].numpy(), raw_state[0])
+
+    # Video latents of each camera are the VAE's encoding of that episode's decoded frames.
+    vae = load_vae(vae_dir)
+    layout = open_layout(ingested / "dataset")
+    for c, key in enumerate(manifest["cameras"]):
+        ((_, clip, _),) = list(iter_episode_frames(layout, key, [episode]))
+        expected = encode_clip(vae, to_pixels(clip[: 1 + 4 * (n_latent - 1)]))[0].transpose(0, 1)
+        torch.testing.assert_close(video[:, c], expected, atol=1e-5, rtol=0)
+    task = manifest["tasks"][meta["task_index"]]
+    assert task in ("open the drawer", "close the drawer")
+
+
+def test_interrupted_cache_resumes_to_identical_shards(cache, ingested, vae_dir, tmp_path):
+    out, report = cache
+    resumed = tmp_path / "cache"
+    half = build_cache(ingested, vae_dir, resumed, ONE_PER_SHARD, shard=(0, 2), progress=False)
+    assert half["shards_written"] == (report["shards"] + 1) // 2
+    (resumed / ".shard-00001.safetensors.tmp-leftover").write_bytes(b"killed mid-write")
+    with pytest.raises(LingbotError, match="incomplete cache"):
+        open_manifest(resumed)
+    rest = build_cache(ingested, vae_dir, resumed, ONE_PER_SHARD, progress=False)
+    assert rest["shards_written"] == report["shards"] // 2  # only the missing ones
+    for name in open_manifest(out)["shards"] + ["tasks.safetensors"]:
+        assert (resumed / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_cache_from_other_inputs_is_refused(cache, ingested, vae_dir, tmp_path):
+    out, _ = cache
+    other_vae = tmp_path / "vae"
+    shutil.copytree(vae_dir, other_vae)
+    config = json.loads((other_vae / "config.json").read_text())
+    config["latents_std"] = [2 * s for s in config["latents_std"]]
+    (other_vae / "config.json").write_text(json.dumps(config))
+    work = tmp_path / "cache"
+    shutil.copytree(out, work)
+    with pytest.raises(LingbotError, match="vae fingerprint differs"):
+        build_cache(ingested, other_vae, work, ONE_PER_SHARD, progress=False)
+    with pytest.raises(LingbotError, match="params fingerprint differs"):
+        build_cache(ingested, vae_dir, work, dataclasses.replace(ONE_PER_SHARD, frame_stride=2), progress=False)
+    with pytest.raises(LingbotError, match="cache built from another vae"):
+        LatentWindows(work, expect={"vae": vae_fingerprint(other_vae)})
+
+
+def test_windows_dataset_yields_model_ready_tensors(cache):
+    out, _ = cache
+    data = LatentWindows(out, split="train", min_chunks=2, max_chunks=4, seed=7)
+    manifest = data.manifest
+    item = data[0]
+    n = len(item["video"])
+    assert 2 <= n <= 4
+    cams, z = len(manifest["cameras"]), manifest["z_dim"]
+    assert item["video"].shape[:3] == (n, cams, z) and item["video"].dtype == torch.float32
+    assert item["actions"].shape == (n, 4, 4) and item["action_mask"].dtype == torch.bool
+    assert item["task"].shape == (1, 384)
+    # Same seed and epoch: same window; another epoch: a fresh draw over the epochs.
+    again = LatentWindows(out, split="train", min_chunks=2, max_chunks=4, seed=7)[0]
+    assert again["start"] == item["start"] and torch.equal(again["video"], item["video"])
+    draws = set()
+    for epoch in range(8):
+        data.set_epoch(epoch)
+        draws.add((data[0]["start"], len(data[0]["video"])))
+    assert len(draws) > 1
+    # Quantile-normalised actions: q01..q99 of the train actions map to -1..1.
+    stats = manifest["stats"]["action"]
+    raw = item["actions"][item["action_mask"]]
+    assert raw.abs().max() < 3
+    assert len(stats["q01"]) == 4
+    batch = collate_windows([data[i] for i in range(len(data))])
+    m = batch["video"].shape[1]
+    assert batch["video"].shape[0] == len(data) and batch["actions"].shape[:2] == (len(data), m)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate_windows, num_workers=2,
+                                         multiprocessing_context="spawn")
+    assert sum(b["video"].shape[0] for b in loader) == len(data)

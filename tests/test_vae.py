@@ -1,0 +1,81 @@
+"""The causal VAE: streaming equals batch, the pretrained (diffusers layout) path, and fit_vae's outputs."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lingbot.config import VAEConfig
+from lingbot.vae.fit import fit_vae
+from lingbot.vae.wan import StreamingEncoder, build_vae, encode_clip, load_vae, to_pixels
+
+
+def wan22_style_vae():
+    """A miniature of Wan2.2's VAE layout: 2x2 patchify (12 channels in/out), residual blocks."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=12, z_dim=6, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True], in_channels=12, out_channels=12, patch_size=2,
+        is_residual=True, scale_factor_spatial=16, latents_mean=[0.0] * 6, latents_std=[1.0] * 6,
+    ).eval()
+
+
+@pytest.mark.parametrize("make", [lambda: build_vae(VAEConfig(base_dim=8, z_dim=4)).eval(), wan22_style_vae],
+                         ids=["small", "wan22-style"])
+def test_streaming_encode_equals_whole_clip(make):
+    vae = make()
+    torch.manual_seed(1)
+    clip = torch.rand(2, 3, 13, 32, 32) * 2 - 1
+    whole = encode_clip(vae, clip)
+    stream = StreamingEncoder(vae)
+    outputs = [stream.push(clip[:, :, t]) for t in range(13)]
+    # A latent comes out after frame 1, then after every 4th frame.
+    assert [t for t, o in enumerate(outputs) if o is not None] == [0, 4, 8, 12]
+    streamed = torch.stack([o for o in outputs if o is not None], dim=2)
+    assert streamed.shape == whole.shape
+    assert (streamed - whole).abs().max().item() <= 1e-4
+    stream.reset()  # a reset encoder starts a new clip: the first frame alone again
+    assert stream.push(clip[:, :, 0]) is not None
+
+
+def test_pretrained_vae_loads_from_a_diffusers_directory(ingested, tmp_path, tiny_config):
+    repo = tmp_path / "wan-mini"
+    wan22_style_vae().save_pretrained(repo / "vae")
+    cfg = dataclasses.replace(tiny_config.vae, pretrained=str(repo), subfolder="vae")
+    report = fit_vae(cfg, ingested, tmp_path / "vae", progress=False)
+    assert report["steps"] == 0 and report["z_dim"] == 6
+    loaded = load_vae(tmp_path / "vae")
+    assert loaded.config.patch_size == 2 and len(loaded.config.latents_mean) == 6
+    with pytest.raises(Exception, match="cannot load the VAE"):
+        load_vae(tmp_path / "nowhere-vae")
+
+
+def test_fit_vae_trains_scores_and_normalises(ingested, tmp_path, tiny_config):
+    cfg = tiny_config.vae
+    report = fit_vae(cfg, ingested, tmp_path / "vae", grid_png=tmp_path / "grid.png",
+                     log_tsv=tmp_path / "train.tsv", progress=False)
+    assert report["steps"] == cfg.steps
+    assert 0 < report["psnr_db"] < 60 and -1 <= report["ssim"] <= 1
+    lines = (tmp_path / "train.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["step", "loss", "psnr", "lr"] and len(lines) == cfg.steps + 1
+    grid = Image.open(tmp_path / "grid.png")
+    size = tiny_config.collect.image_size
+    assert grid.size == (8 * size * 2, 2 * size * 2)
+    # Latent normalisation is stored with the weights, in the VAE's own config.
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert len(config["latents_mean"]) == cfg.z_dim and all(s > 0 for s in config["latents_std"])
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    # Normalised latents of the training clips are ~zero-mean, unit-std per channel.
+    from lingbot.vae.fit import load_frames, read_demos
+
+    manifest, split, layout = read_demos(ingested)
+    vae = load_vae(tmp_path / "vae")
+    clips = load_frames(layout, manifest["keys"]["cameras"], split["train"])
+    z = torch.cat([encode_clip(vae, to_pixels(c[: 1 + 4 * ((len(c) - 1) // 4)]))[0].flatten(1) for c in clips], 1)
+    np.testing.assert_allclose(z.mean(1).numpy(), 0, atol=1e-3)
+    np.testing.assert_allclose(z.std(1).numpy(), 1, atol=2e-2)
