@@ -49,9 +49,99 @@ def bench_data(episodes: int, workers: int) -> dict:
     }
 
 
+def _cache_peak_rss(demos: Path, vae_dir: Path, out: Path, episodes: list[int], cfg) -> float:
+    """Peak RSS (MB) of a child process that builds the cache for `episodes` only."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_child_cache, (str(demos), str(vae_dir), str(out), episodes, cfg))
+
+
+def _child_cache(demos, vae_dir, out, episodes, cfg) -> float:
+    from lingbot.data.latents import build_cache
+
+    build_cache(Path(demos), Path(vae_dir), Path(out), cfg, progress=False, only=episodes)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_latents(episodes: int, workers: int) -> dict:
+    """VAE encode throughput, streaming = batch, cached vs on-the-fly loading, memory vs episode count."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from lingbot.config import preset
+    from lingbot.data.collect import collect
+    from lingbot.data.ingest import ingest
+    from lingbot.data.latents import LatentWindows, build_cache, latent_alignment
+    from lingbot.data.lerobot_io import iter_episode_frames, open_layout
+    from lingbot.vae.wan import StreamingEncoder, build_vae, encode_clip, load_vae, to_pixels
+
+    cfg = preset("small")
+    with tempfile.TemporaryDirectory(prefix="lingbot-bench-") as tmp:
+        tmp = Path(tmp)
+        collect(dataclasses.replace(cfg.collect, episodes=episodes, workers=workers), tmp / "collected",
+                progress=False)
+        ingest(dataclasses.replace(cfg.ingest, source=str(tmp / "collected")), tmp / "demos")
+        vae = build_vae(cfg.vae).eval()  # throughput does not depend on training
+        vae.save_pretrained(tmp / "vae")
+        vae = load_vae(tmp / "vae")
+        built = build_cache(tmp / "demos", tmp / "vae", tmp / "latents", cfg.latents, progress=False)
+
+        layout = open_layout(tmp / "demos" / "dataset")
+        key = layout.video_keys[0]
+        ((_, frames, _),) = list(iter_episode_frames(layout, key, [0]))
+        clip = to_pixels(frames[:17])
+        whole = encode_clip(vae, clip)
+        stream = StreamingEncoder(vae)
+        streamed = torch.stack([o for t in range(17) if (o := stream.push(clip[:, :, t])) is not None], dim=2)
+        stream_diff = float((streamed - whole).abs().max())
+
+        data = LatentWindows(tmp / "latents", min_chunks=4, max_chunks=4)
+        n = 200
+        t0 = time.perf_counter()
+        for i in range(n):
+            data[i % len(data)]
+        cached = n / (time.perf_counter() - t0)
+
+        # The same windows computed on the fly: decode the episode's frames and encode the window.
+        n_online = 6
+        t0 = time.perf_counter()
+        for i in range(n_online):
+            item = data[i % len(data)]
+            index, _ = latent_alignment(10**6, cfg.latents.frame_stride)
+            first = max(0, 4 * item["start"] - 3) if item["start"] else 0
+            for cam in layout.video_keys:
+                ((_, frames, _),) = list(iter_episode_frames(layout, cam, [item["episode"]]))
+                window = frames[first : 1 + 4 * (item["start"] + len(item["video"]) - 1)]
+                encode_clip(vae, to_pixels(window[: 1 + 4 * ((len(window) - 1) // 4)]))
+        online = n_online / (time.perf_counter() - t0)
+
+        all_eps = sorted(int(e) for e in layout.episodes["episode_index"])
+        half = all_eps[: len(all_eps) // 2]
+        rss_half = _cache_peak_rss(tmp / "demos", tmp / "vae", tmp / "rss-half", half, cfg.latents)
+        rss_full = _cache_peak_rss(tmp / "demos", tmp / "vae", tmp / "rss-full", all_eps, cfg.latents)
+    return {
+        "bench": "latents",
+        "episodes": built["episodes"],
+        "frames_encoded": built["frames_encoded"],
+        "encode_frames_per_s": built["encode_frames_per_s"],
+        "stream_vs_batch_max_abs_diff": stream_diff,
+        "loader_samples_per_s_cached": round(cached, 1),
+        "loader_samples_per_s_online": round(online, 2),
+        "cached_vs_online_speedup": round(cached / online, 1),
+        "peak_rss_mb_half_episodes": round(rss_half, 1),
+        "peak_rss_mb": round(rss_full, 1),
+    }
+
+
 def run(what: str, args) -> int:
     if what == "data":
         result = bench_data(args.episodes, args.workers)
+    elif what == "latents":
+        result = bench_latents(args.episodes, args.workers)
     else:  # argparse restricts the choices; kept for direct callers
         raise ValueError(f"unknown benchmark {what!r}")
     print(_table([(k, v) for k, v in result.items()]))

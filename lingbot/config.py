@@ -82,8 +82,10 @@ class VAEConfig:
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # three spatial downsamples: 8x
     num_res_blocks: int = 1
-    clip_frames: int = 5  # 1 + 4k: the first frame alone, then groups of 4 (4x temporal compression)
-    batch_size: int = 4
+    # 1 + 4k frames: the first alone, then groups of 4 (4x temporal compression). Two groups teach the
+    # temporal caches what follows a group, not only what follows the first frame.
+    clip_frames: int = 9
+    batch_size: int = 2
     steps: int = 400
     lr: float = 2e-3
     kl_weight: float = 1e-6
@@ -116,7 +118,7 @@ def _tiny() -> RunConfig:
         collect=CollectConfig(
             tasks=("drawer-close-v3", "drawer-open-v3"), episodes=2, image_size=32, max_steps=100, workers=2
         ),
-        vae=VAEConfig(base_dim=8, z_dim=4, steps=3, batch_size=2, eval_episodes=2),
+        vae=VAEConfig(base_dim=8, z_dim=4, clip_frames=5, steps=3, batch_size=2, eval_episodes=2),
     )
 
 

@@ -13,7 +13,10 @@ TINY_PARAMS = {
     "collect": {"episodes": 2},
     "ingest": {"val_fraction": 0.5},
     "validate": {"min_episode_length": 8},
+    "vae": {"steps": 2},
+    "latents": {"episodes_per_shard": 2},
 }
+STAGES = ("collect", "ingest", "validate", "fit_vae", "cache_latents")
 
 
 def _dvc(workdir, *args, check=True):
@@ -39,11 +42,13 @@ def project(tmp_path_factory):
 
 def test_repro_runs_caches_and_reruns_only_downstream(project):
     first = _dvc(project, "repro")
-    for stage in ("collect", "ingest", "validate"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"collect", "ingest", "validate"}
+    assert set(lock["stages"]) == set(STAGES)
     assert (project / "data" / "demos" / "stats.json").is_file()
+    assert (project / "data" / "latents" / "manifest.json").is_file()
+    assert yaml.safe_load((project / "reports" / "vae.json").read_text())["steps"] == 2
     assert yaml.safe_load((project / "reports" / "validate.json").read_text())["success"] is True
 
     again = _dvc(project, "repro")
@@ -53,7 +58,8 @@ def test_repro_runs_caches_and_reruns_only_downstream(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     changed = _dvc(project, "repro")
     assert "Running stage 'collect'" not in changed.stdout
-    assert "Running stage 'ingest'" in changed.stdout and "Running stage 'validate'" in changed.stdout
+    for stage in STAGES[1:]:  # the split changed: everything downstream of ingest reruns
+        assert f"Running stage '{stage}'" in changed.stdout
 
 
 def test_failed_validation_stops_the_chain(project):
@@ -65,4 +71,5 @@ def test_failed_validation_stops_the_chain(project):
     assert "FAILED expect_column_values_to_be_between column=action[" in failed.stdout + failed.stderr
     after = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["validate"]
     assert after == before  # the failed stage was not recorded as done
+    assert "Running stage 'fit_vae'" not in failed.stdout  # nothing downstream ran
     assert (project / "data" / "demos" / "split.json").is_file()  # upstream outputs untouched

@@ -99,7 +99,7 @@ def _episode_arrays(layout, episodes: list[int], state_key: str, action_key: str
 
 
 def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard: tuple[int, int] = (0, 1),
-                rebuild: bool = False, progress: bool = True) -> dict:
+                rebuild: bool = False, progress: bool = True, only: list[int] | None = None) -> dict:
     """Encode the ingested dataset at `demos` with the VAE at `vae_dir` into the cache at `out`."""
     from tqdm import tqdm
 
@@ -123,12 +123,16 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
     keys = info["keys"]
     layout = open_layout(demos / "dataset")
     episodes = sorted(int(e) for e in layout.episodes["episode_index"])
+    if only is not None:  # a subset of episodes (benchmarks); recorded in the params fingerprint
+        episodes = [e for e in episodes if e in set(only)]
     ep_rows = {int(r["episode_index"]): r for r in layout.episodes.to_dict("records")}
     tasks = info["tasks"]
     fingerprints = {
         "dataset": demos_fingerprint(demos),
         "vae": vae_fingerprint(vae_dir),
-        "params": hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest(),
+        "params": hashlib.sha256(
+            json.dumps({**dataclasses.asdict(cfg), "only": only}, sort_keys=True).encode()
+        ).hexdigest(),
         "text_encoder": encoder_fingerprint(cfg.text_encoder),
     }
     shards = [episodes[i : i + cfg.episodes_per_shard] for i in range(0, len(episodes), cfg.episodes_per_shard)]
@@ -262,7 +266,6 @@ class LatentWindows(torch.utils.data.Dataset):
 
     def __init__(self, cache: Path, split: str = "train", min_chunks: int = 2, max_chunks: int = 8,
                  seed: int = 0, expect: dict | None = None):
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         self.cache = Path(cache)
@@ -272,7 +275,6 @@ class LatentWindows(torch.utils.data.Dataset):
             raise LingbotError(f"{self.cache}: no {split} episodes in the cache")
         self.min_chunks, self.max_chunks, self.seed, self.epoch = min_chunks, max_chunks, seed, 0
         self.tasks = load_file(str(self.cache / "tasks.safetensors"))["embeddings"]
-        self._safe_open = safe_open
         self._handles: dict[int, object] = {}
 
     def __getstate__(self) -> dict:
@@ -288,8 +290,10 @@ class LatentWindows(torch.utils.data.Dataset):
     def _shard(self, shard: int):
         # Opened lazily per process (DataLoader workers fork after __init__): safetensors mmaps the file.
         if shard not in self._handles:
+            from safetensors import safe_open
+
             path = self.cache / self.manifest["shards"][shard]
-            self._handles[shard] = self._safe_open(str(path), framework="pt")
+            self._handles[shard] = safe_open(str(path), framework="pt")
         return self._handles[shard]
 
     def window(self, episode: int, start: int, length: int) -> dict:

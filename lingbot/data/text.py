@@ -31,9 +31,11 @@ def embed_tasks(name: str, tasks: list[str]) -> np.ndarray:
     """(n_tasks, 1, dim) float32, L2-normalised pooled sentence embeddings."""
     import logging
 
+    import transformers
     from sentence_transformers import SentenceTransformer
 
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
     path = encoder_path(name)
     try:
         model = SentenceTransformer(path, device="cpu")
