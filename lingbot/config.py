@@ -103,6 +103,29 @@ class LatentsConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The Mixture-of-Transformers world model: a video expert and a lighter action expert.
+
+    Both experts have `depth` layers and meet in one attention with `heads` heads of `head_dim`;
+    each keeps its own width, norms, AdaLN modulation, projections and FFN.
+    """
+
+    video_width: int = 128  # Dv
+    action_width: int = 64  # Da < Dv
+    depth: int = 4
+    heads: int = 4
+    head_dim: int = 32
+    video_ffn: int = 512
+    action_ffn: int = 128  # 2 x Da: the paper's ~350M action expert at Da = 768 implies this ratio
+    latent_channels: int = 16  # z of the VAE
+    patch: tuple[int, int] = (2, 2)  # latent (h, w) patch per video token, as Wan (1x2x2)
+    action_channels: int = 16  # model action vector; a robot's actions fill the first channels
+    text_dim: int = 384  # cached text embedding width
+    freq_dim: int = 256  # sinusoidal timestep embedding
+    window_chunks: int = 0  # attention window in chunks (0: the whole history)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     preset: str = "small"
     collect: CollectConfig = field(default_factory=CollectConfig)
@@ -110,6 +133,7 @@ class RunConfig:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     latents: LatentsConfig = field(default_factory=LatentsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 def _tiny() -> RunConfig:
@@ -119,7 +143,20 @@ def _tiny() -> RunConfig:
             tasks=("drawer-close-v3", "drawer-open-v3"), episodes=2, image_size=32, max_steps=100, workers=2
         ),
         vae=VAEConfig(base_dim=8, z_dim=4, clip_frames=5, steps=3, batch_size=2, eval_episodes=2),
+        model=TINY_MODEL,
     )
+
+
+TINY_MODEL = ModelConfig(video_width=32, action_width=16, depth=2, heads=2, head_dim=16, video_ffn=64,
+                         action_ffn=32, latent_channels=4)
+# One GPU: a few hundred million parameters.
+BASE_MODEL = ModelConfig(video_width=1024, action_width=256, depth=16, heads=16, head_dim=64, video_ffn=4096,
+                         action_ffn=512, latent_channels=48, text_dim=4096)
+# The paper: Wan2.2-5B's transformer as video expert (3072 x 30, 24 heads of 128, FFN 14336, text from
+# UMT5 4096-d) and a 768-wide action expert: ~5B + ~350M parameters.
+PAPER_MODEL = ModelConfig(video_width=3072, action_width=768, depth=30, heads=24, head_dim=128,
+                          video_ffn=14336, action_ffn=1536, latent_channels=48, action_channels=30,
+                          text_dim=4096)
 
 
 PRESETS: dict[str, RunConfig] = {}
@@ -133,6 +170,8 @@ def register_preset(name: str, config: RunConfig) -> None:
 
 register_preset("tiny", _tiny())
 register_preset("small", RunConfig(preset="small"))
+register_preset("base", RunConfig(preset="base", model=BASE_MODEL))
+register_preset("paper", RunConfig(preset="paper", model=PAPER_MODEL))
 
 
 def _coerce(value: Any, current: Any, where: str) -> Any:

@@ -1,0 +1,1 @@
+"""The Mixture-of-Transformers world model: experts, joint attention, masks, flow matching."""

@@ -1,0 +1,318 @@
+"""The LingBot-VA world model: a Mixture-of-Transformers over an interleaved video-action sequence.
+
+Sequence. Chunks k = 0..n-1, each `[video tokens of latent frame k][action tokens of chunk k]`.
+Video tokens: the latent frame of every camera, patchified 1x2x2 (as Wan); action tokens: one per
+action step, k_act = 4 per latent frame (chunk 0 has none: its action tokens are masked out).
+
+Experts. Video tokens go through the video expert (width Dv), action tokens through the action expert
+(width Da < Dv). Per layer each expert has its own norms, AdaLN timestep modulation, QKV and output
+projections and FFN; attention is one softmax over the tokens of both streams in a shared head space
+(heads x head_dim). The video expert also cross-attends to the task text (as Wan does, so Wan weights
+map onto it); the action expert has no cross-attention: it reads the task through the joint attention
+to video tokens, which is what keeps it at ~350M parameters at paper scale.
+
+Teacher forcing (training). One pass over `[noisy video, clean video, noisy action, clean action]`,
+block id 2k for video of chunk k and 2k+1 for its actions:
+    clean -> clean : block(key) <= block(query)            (block-causal history)
+    noisy -> clean : block(key) <  block(query)            (strictly earlier clean blocks)
+    noisy -> noisy : same block only
+    clean -> noisy : never
+so noisy video k is predicted from the history (visual dynamics) and noisy action k is decoded from
+the clean video of chunk k and earlier (inverse dynamics). `attention_mask` is the one place that
+builds these rules.
+
+Flow matching. x_t = (1 - t) x + t eps, target v = eps - x, independent t per chunk and stream from a
+shifted schedule; loss = w_v * video + w_a * action, the action term masked to existing steps and used
+channels. Noisy-history augmentation re-noises the clean video history to a level in [0, 0.5] (and
+tells the model), so actions can be decoded from partially denoised video at inference.
+
+Shapes: B batch, n chunks, C cameras, z latent channels, (h, w) latent size, K actions per chunk,
+A action channels, Tv = C*(h/2)*(w/2) video tokens per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lingbot.config import ModelConfig
+
+NOISY, CLEAN = 0, 1
+VIDEO, ACTION = 0, 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masks: the only place that decides who attends to whom.
+
+
+def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_blocks: int = 0) -> torch.Tensor:
+    """Boolean (L, L) mask, True = may attend, from per-token block ids and clean flags (both (L,))."""
+    bq, bk = block[:, None], block[None, :]
+    cq, ck = clean[:, None], clean[None, :]
+    allowed = (cq & ck & (bk <= bq)) | (~cq & ck & (bk < bq)) | (~cq & ~ck & (bk == bq))
+    if window_blocks > 0:
+        allowed &= (bq - bk) < window_blocks
+    return allowed
+
+
+# ----------------------------------------------------------------------------------------------------
+# Positions: 3D RoPE for video (frame, h, w), 1D for actions on the same time axis.
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """positions (L, 3) float (time, row, col) -> angles (L, head_dim // 2).
+
+    The head dim is split as in Wan: a third of the rotary pairs for each axis (time gets the rest).
+    Action tokens carry row = col = 0, so only their time part rotates: they share the video's clock.
+    """
+    pairs = head_dim // 2
+    split = [pairs - 2 * (pairs // 3), pairs // 3, pairs // 3]
+    out = []
+    for axis, n in enumerate(split):
+        freqs = 1.0 / theta ** (torch.arange(n, dtype=torch.float64) / max(n, 1))
+        out.append(positions[:, axis : axis + 1].double() * freqs[None, :])
+    return torch.cat(out, dim=1).float()
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, D), angles (L, D/2): rotate consecutive pairs."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of flow times t in [0, 1] (scaled to 0..1000 as diffusion models do)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[..., None] * 1000 * freqs
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One expert's half of a layer.
+
+
+class ExpertLayer(nn.Module):
+    def __init__(self, width: int, ffn: int, heads: int, head_dim: int, text_dim: int | None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.to_q = nn.Linear(width, inner)
+        self.to_k = nn.Linear(width, inner)
+        self.to_v = nn.Linear(width, inner)
+        self.norm_q = nn.RMSNorm(inner, eps=1e-6)
+        self.norm_k = nn.RMSNorm(inner, eps=1e-6)
+        self.to_out = nn.Linear(inner, width)
+        self.cross = None
+        if text_dim is not None:  # cross-attention to the task text (video expert only)
+            self.norm_cross = nn.LayerNorm(width, eps=1e-6)
+            self.cross = nn.MultiheadAttention(width, heads, batch_first=True, kdim=text_dim, vdim=text_dim)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, width))
+        # AdaLN: shift/scale/gate for attention and FFN, added to a learned table (Wan's layout).
+        self.modulation = nn.Parameter(torch.randn(1, 6, width) / width**0.5)
+
+    def qkv(self, x: torch.Tensor, mod: torch.Tensor, angles: torch.Tensor):
+        """x (B, L, D), mod (B, L, 6, D) -> q, k, v (B, H, L, hd) with RoPE on q and k."""
+        shift, scale = mod[:, :, 0], mod[:, :, 1]
+        h = self.norm1(x) * (1 + scale) + shift
+        B, L, _ = x.shape
+
+        def heads(t):
+            return t.view(B, L, self.heads, self.head_dim).transpose(1, 2)
+
+        q = heads(self.norm_q(self.to_q(h)))
+        k = heads(self.norm_k(self.to_k(h)))
+        v = heads(self.to_v(h))
+        return apply_rope(q, angles), apply_rope(k, angles), v
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, mod: torch.Tensor, text: torch.Tensor | None):
+        """Residual attention output, cross-attention, then the modulated FFN. attn: (B, L, H*hd)."""
+        x = x + self.to_out(attn) * mod[:, :, 2]
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), text, text, need_weights=False)[0]
+        h = self.norm2(x) * (1 + mod[:, :, 4]) + mod[:, :, 3]
+        return x + self.ffn(h) * mod[:, :, 5]
+
+
+class MoTLayer(nn.Module):
+    """Video expert + action expert, joined by one attention over both streams."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.video = ExpertLayer(cfg.video_width, cfg.video_ffn, cfg.heads, cfg.head_dim, cfg.video_width)
+        self.action = ExpertLayer(cfg.action_width, cfg.action_ffn, cfg.heads, cfg.head_dim, None)
+
+    def forward(self, xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text):
+        qv, kv, vv = self.video.qkv(xv, mod_v + self.video.modulation, angles_v)
+        qa, ka, va = self.action.qkv(xa, mod_a + self.action.modulation, angles_a)
+        q, k, v = (torch.cat(p, dim=2) for p in ((qv, qa), (kv, ka), (vv, va)))  # (B, H, Lv+La, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2)  # (B, Lv+La, H*hd)
+        Lv = xv.shape[1]
+        xv = self.video.finish(xv, out[:, :Lv], mod_v + self.video.modulation, text)
+        xa = self.action.finish(xa, out[:, Lv:], mod_a + self.action.modulation, None)
+        return xv, xa
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model.
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, cameras: int = 1, actions_per_chunk: int = 4):
+        super().__init__()
+        self.cfg, self.cameras, self.K = cfg, cameras, actions_per_chunk
+        ph, pw = cfg.patch
+        self.patch_dim = cfg.latent_channels * ph * pw
+        Dv, Da = cfg.video_width, cfg.action_width
+        self.video_in = nn.Linear(self.patch_dim, Dv)
+        self.action_in = nn.Linear(cfg.action_channels, Da)
+        self.text_in = nn.Sequential(nn.Linear(cfg.text_dim, Dv), nn.GELU(approximate="tanh"), nn.Linear(Dv, Dv))
+        self.camera_embed = nn.Parameter(torch.zeros(cameras, Dv))
+        self.time_v = nn.Sequential(nn.Linear(cfg.freq_dim, Dv), nn.SiLU(), nn.Linear(Dv, 6 * Dv))
+        self.time_a = nn.Sequential(nn.Linear(cfg.freq_dim, Da), nn.SiLU(), nn.Linear(Da, 6 * Da))
+        self.layers = nn.ModuleList(MoTLayer(cfg) for _ in range(cfg.depth))
+        self.norm_v = nn.LayerNorm(Dv, elementwise_affine=False, eps=1e-6)
+        self.norm_a = nn.LayerNorm(Da, elementwise_affine=False, eps=1e-6)
+        self.video_out = nn.Linear(Dv, self.patch_dim)
+        self.action_out = nn.Linear(Da, cfg.action_channels)
+        for head in (self.video_out, self.action_out):  # start as a zero velocity field
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    # -- token layout ------------------------------------------------------------------------------
+
+    def patchify(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, n, C, z, h, w) -> (B, n, Tv, z*ph*pw), tokens ordered camera, row, col."""
+        B, n, C, z, h, w = video.shape
+        ph, pw = self.cfg.patch
+        x = video.view(B, n, C, z, h // ph, ph, w // pw, pw)
+        return x.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(B, n, C * (h // ph) * (w // pw), z * ph * pw)
+
+    def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        B, n, _, _ = tokens.shape
+        ph, pw = self.cfg.patch
+        C, z = self.cameras, self.cfg.latent_channels
+        x = tokens.view(B, n, C, h // ph, w // pw, z, ph, pw)
+        return x.permute(0, 1, 2, 5, 3, 6, 4, 7).reshape(B, n, C, z, h, w)
+
+    def layout(self, n: int, h: int, w: int, device) -> dict:
+        """Per-token block ids, positions and camera ids for n chunks of one stream copy."""
+        ph, pw = self.cfg.patch
+        gh, gw = h // ph, w // pw
+        chunk = torch.arange(n, device=device)
+        rows = torch.arange(gh, device=device).repeat_interleave(gw).repeat(self.cameras)
+        cols = torch.arange(gw, device=device).repeat(gh).repeat(self.cameras)
+        cams = torch.arange(self.cameras, device=device).repeat_interleave(gh * gw)
+        Tv = len(rows)
+        video_pos = torch.stack([chunk.repeat_interleave(Tv).float(), rows.repeat(n).float(),
+                                 cols.repeat(n).float()], dim=1)
+        # Action j of chunk k happens between latent frames k-1 and k: time k - 1 + (j + 1) / K.
+        step = torch.arange(self.K, device=device)
+        t_action = (chunk[:, None] - 1 + (step[None, :] + 1) / self.K).flatten().float()
+        action_pos = torch.stack([t_action, torch.zeros_like(t_action), torch.zeros_like(t_action)], dim=1)
+        return {
+            "video_block": (2 * chunk).repeat_interleave(Tv),
+            "action_block": (2 * chunk + 1).repeat_interleave(self.K),
+            "video_pos": video_pos,
+            "action_pos": action_pos,
+            "cams": cams.repeat(n),
+            "Tv": Tv,
+        }
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def forward(self, noisy_video, clean_video, noisy_action, clean_action, t_video, t_action,
+                t_history, text):
+        """Teacher-forced velocity prediction.
+
+        noisy_video, clean_video: (B, n, C, z, h, w); noisy_action, clean_action: (B, n, K, A);
+        t_video, t_action: (B, n) flow times of the noisy chunks; t_history: (B, n) the level the clean
+        video history was re-noised to (0 = clean); text: (B, Lt, text_dim).
+        Returns (v_video (B, n, C, z, h, w), v_action (B, n, K, A)).
+        """
+        B, n, C, z, h, w = noisy_video.shape
+        lay = self.layout(n, h, w, noisy_video.device)
+        Tv, K = lay["Tv"], self.K
+        cam = self.camera_embed[lay["cams"]]
+        xv = torch.cat([self.patchify(noisy_video).flatten(1, 2), self.patchify(clean_video).flatten(1, 2)], 1)
+        xv = self.video_in(xv) + cam.repeat(2, 1)
+        xa = self.action_in(torch.cat([noisy_action.flatten(1, 2), clean_action.flatten(1, 2)], 1))
+
+        zeros = torch.zeros_like(t_action)
+        tv = torch.cat([t_video.repeat_interleave(Tv, 1), t_history.repeat_interleave(Tv, 1)], 1)
+        ta = torch.cat([t_action.repeat_interleave(K, 1), zeros.repeat_interleave(K, 1)], 1)
+        mod_v = self.time_v(timestep_embedding(tv, self.cfg.freq_dim)).unflatten(-1, (6, -1))
+        mod_a = self.time_a(timestep_embedding(ta, self.cfg.freq_dim)).unflatten(-1, (6, -1))
+
+        vb, ab = lay["video_block"], lay["action_block"]
+        block = torch.cat([vb, vb, ab, ab])
+        clean = torch.cat([torch.zeros_like(vb), torch.ones_like(vb), torch.zeros_like(ab), torch.ones_like(ab)]).bool()
+        mask = attention_mask(block, clean, 2 * self.cfg.window_chunks)
+        angles_v = rope_angles(lay["video_pos"].repeat(2, 1), self.cfg.head_dim).to(xv.device)
+        angles_a = rope_angles(lay["action_pos"].repeat(2, 1), self.cfg.head_dim).to(xv.device)
+        text = self.text_in(text)
+
+        for layer in self.layers:
+            xv, xa = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text)
+        v_video = self.video_out(self.norm_v(xv[:, : n * Tv])).view(B, n, Tv, -1)
+        v_action = self.action_out(self.norm_a(xa[:, : n * K])).view(B, n, K, -1)
+        return self.unpatchify(v_video, h, w), v_action
+
+
+def count_parameters(model: WorldModel) -> dict[str, int]:
+    """Parameters of the video expert (with its embeddings and heads) and of the action expert."""
+    action = sum(p.numel() for name, p in model.named_parameters()
+                 if ".action." in name or name.startswith(("action_in", "action_out", "time_a", "norm_a")))
+    total = sum(p.numel() for p in model.parameters())
+    return {"video": total - action, "action": action, "total": total}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flow matching.
+
+
+def sample_times(shape, shift: float, generator=None, device=None) -> torch.Tensor:
+    """Shifted uniform flow times: t = s u / (1 + (s - 1) u), u ~ U(0, 1); s > 1 favours noisier t."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_matching_loss(model: WorldModel, batch: dict, action_channels_used: int, shift: float = 3.0,
+                       history_noise_p: float = 0.5, video_weight: float = 1.0, action_weight: float = 1.0,
+                       generator: torch.Generator | None = None) -> dict:
+    """One teacher-forced pass. batch: video (B,n,C,z,h,w), actions (B,n,K,A), action_mask (B,n,K), task."""
+    video, actions, step_mask = batch["video"], batch["actions"], batch["action_mask"]
+    B, n = video.shape[:2]
+    A = model.cfg.action_channels
+    if actions.shape[-1] < A:  # the robot's channels first, the rest zero and masked out of the loss
+        actions = F.pad(actions, (0, A - actions.shape[-1]))
+    dev = video.device
+    t_v = sample_times((B, n), shift, generator, dev)
+    t_a = sample_times((B, n), shift, generator, dev)
+    eps_v = torch.randn(video.shape, generator=generator, device=dev)
+    eps_a = torch.randn(actions.shape, generator=generator, device=dev)
+    noisy_v = (1 - t_v)[..., None, None, None, None] * video + t_v[..., None, None, None, None] * eps_v
+    noisy_a = (1 - t_a)[..., None, None] * actions + t_a[..., None, None] * eps_a
+
+    # Noisy-history augmentation: per sample, re-noise the clean video history to a level in [0, 0.5].
+    renoise = torch.rand(B, generator=generator, device=dev) < history_noise_p
+    level = torch.rand(B, generator=generator, device=dev) * 0.5 * renoise
+    t_h = level[:, None].expand(B, n)
+    hist_eps = torch.randn(video.shape, generator=generator, device=dev)
+    clean_v = (1 - t_h)[..., None, None, None, None] * video + t_h[..., None, None, None, None] * hist_eps
+
+    pred_v, pred_a = model(noisy_v, clean_v, noisy_a, actions, t_v, t_a, t_h, batch["task"])
+    loss_v = F.mse_loss(pred_v, eps_v - video)
+    channel = torch.zeros(A, device=dev)
+    channel[:action_channels_used] = 1
+    weight = step_mask.float()[..., None] * channel
+    loss_a = ((pred_a - (eps_a - actions)) ** 2 * weight).sum() / weight.sum().clamp_min(1)
+    loss = video_weight * loss_v + action_weight * loss_a
+    return {"loss": loss, "video": loss_v.detach(), "action": loss_a.detach()}

@@ -1,0 +1,149 @@
+"""The MoT world model: causality rules by perturbation, expert routing, sizes, RoPE, and learning."""
+
+import pytest
+import torch
+
+from lingbot.config import PRESETS, preset
+from lingbot.model.world_model import (
+    WorldModel,
+    apply_rope,
+    attention_mask,
+    count_parameters,
+    flow_matching_loss,
+    rope_angles,
+)
+
+B, N, C, Z, H, W, K, A = 1, 4, 2, 4, 4, 4, 4, 4
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = WorldModel(preset("tiny").model, cameras=C, actions_per_chunk=K)
+    for head in (model.video_out, model.action_out):  # zero-initialised heads would hide every effect
+        torch.nn.init.normal_(head.weight, std=0.5)
+    return model.eval()
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "noisy_video": torch.randn(B, N, C, Z, H, W, generator=g),
+        "clean_video": torch.randn(B, N, C, Z, H, W, generator=g),
+        "noisy_action": torch.randn(B, N, K, 16, generator=g),
+        "clean_action": torch.randn(B, N, K, 16, generator=g),
+        "t_video": torch.rand(B, N, generator=g),
+        "t_action": torch.rand(B, N, generator=g),
+        "t_history": torch.zeros(B, N),
+        "text": torch.randn(B, 1, 384, generator=g),
+    }
+
+
+def changed_chunks(model, x, key, chunk):
+    """Which chunks' (video, action) predictions change when `key` of chunk `chunk` is perturbed."""
+    with torch.no_grad():
+        v0, a0 = model(**x)
+        y = dict(x)
+        y[key] = x[key].clone()
+        y[key][:, chunk] += 1.0
+        v1, a1 = model(**y)
+    dv = [(v1[:, k] - v0[:, k]).abs().max().item() > 1e-6 for k in range(N)]
+    da = [(a1[:, k] - a0[:, k]).abs().max().item() > 1e-6 for k in range(N)]
+    return dv, da
+
+
+@pytest.mark.parametrize("j", [0, 1, 2])
+def test_clean_video_of_chunk_j_reaches_only_later_video_and_its_own_actions(j):
+    dv, da = changed_chunks(tiny_model(), inputs(), "clean_video", j)
+    assert dv == [k > j for k in range(N)]  # noisy video k sees clean video < k
+    assert da == [k >= j for k in range(N)]  # noisy action k decodes from clean video <= k
+
+
+@pytest.mark.parametrize("j", [0, 1, 2])
+def test_clean_actions_of_chunk_j_reach_only_later_chunks(j):
+    dv, da = changed_chunks(tiny_model(), inputs(), "clean_action", j)
+    assert dv == [k > j for k in range(N)]
+    assert da == [k > j for k in range(N)]
+
+
+@pytest.mark.parametrize("key, stream", [("noisy_video", 0), ("noisy_action", 1)])
+def test_noisy_tokens_see_only_their_own_block(key, stream):
+    j = 2
+    dv, da = changed_chunks(tiny_model(), inputs(), key, j)
+    own = [k == j for k in range(N)]
+    assert (dv, da) == ((own, [False] * N) if stream == 0 else ([False] * N, own))
+
+
+def test_attention_window_limits_history():
+    block = torch.arange(6).repeat_interleave(2)
+    clean = torch.ones(12, dtype=torch.bool)
+    full, windowed = attention_mask(block, clean), attention_mask(block, clean, window_blocks=2)
+    assert full[-1, 0] and not windowed[-1, 0] and windowed[-1, -3]
+
+
+def test_video_tokens_only_touch_video_expert_weights_and_back():
+    model = tiny_model()
+    x = inputs()
+    n_video, n_action = 2 * N * C * (H // 2) * (W // 2), 2 * N * K
+    seen = {}
+
+    def hook(name):
+        def fn(module, args, out):
+            seen.setdefault(name, set()).add(args[0].shape[1])
+        return fn
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and (".video." in name or ".action." in name) and "cross" not in name:
+            module.register_forward_hook(hook(name))
+    with torch.no_grad():
+        model(**x)
+    assert seen
+    for name, lengths in seen.items():
+        expected = n_video if ".video." in name else n_action
+        assert lengths == {expected}, (name, lengths)
+
+
+def test_paper_preset_parameter_count():
+    with torch.device("meta"):
+        model = WorldModel(PRESETS["paper"].model, cameras=2)
+    counts = count_parameters(model)
+    assert 4.8e9 < counts["video"] < 5.2e9  # Wan2.2-5B's transformer
+    assert 3.2e8 < counts["action"] < 3.8e8  # the paper's ~350M action expert
+    with torch.device("meta"):
+        tiny = WorldModel(PRESETS["tiny"].model, cameras=2)
+    assert count_parameters(tiny)["total"] < 1_000_000
+
+
+def test_rope_scores_depend_only_on_relative_time():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 2, 32), torch.randn(1, 1, 2, 32)
+    pos = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 1.0]])
+    shifted = pos + torch.tensor([5.0, 0.0, 0.0])
+
+    def score(p):
+        a = rope_angles(p, 32)
+        return (apply_rope(q, a)[..., 0, :] * apply_rope(k, a)[..., 1, :]).sum()
+
+    assert torch.allclose(score(pos), score(shifted), atol=1e-4)
+    assert not torch.allclose(score(pos), score(pos * torch.tensor([2.0, 1.0, 1.0])), atol=1e-3)
+
+
+def test_loss_decreases_on_a_tiny_overfit_batch():
+    torch.manual_seed(0)
+    model = WorldModel(preset("tiny").model, cameras=C, actions_per_chunk=K)
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "video": torch.randn(2, N, C, Z, H, W, generator=g),
+        "actions": torch.rand(2, N, K, A, generator=g) * 2 - 1,
+        "action_mask": torch.ones(2, N, K, dtype=torch.bool),
+        "task": torch.randn(2, 1, 384, generator=g),
+    }
+    batch["action_mask"][:, 0] = False
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(150):
+        out = flow_matching_loss(model, batch, A, generator=torch.Generator().manual_seed(step % 4))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
