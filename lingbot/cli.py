@@ -119,6 +119,21 @@ def cmd_cache_latents(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from lingbot.train.loop import train
+
+    run = _run_config(args)
+    cfg = getattr(run, args.command)
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    report = train(cfg, run.model, Path(args.cache), Path(args.out),
+                   init_from=Path(args.init) if args.init else None, progress=not args.quiet)
+    if report["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+        _write_metrics(args, report)
+        _print_json(report)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from lingbot import bench
 
@@ -185,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cache_latents)
+
+    for name, text in (("pretrain", "multi-task world-model training on the latent cache"),
+                       ("finetune", "continue from a pretrain checkpoint on the target task(s)")):
+        p = with_config(sub.add_parser(name, help=text))
+        p.add_argument("cache", help="latent cache directory")
+        p.add_argument("--out", required=True, help="run directory (checkpoint/, log.tsv); resumes if present")
+        p.add_argument("--init", required=(name == "finetune"), help="checkpoint whose EMA weights start the run")
+        p.add_argument("--steps", type=int, help="total optimizer steps")
+        p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
     p.add_argument("what", choices=["data", "latents"])

@@ -126,6 +126,33 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Teacher-forced flow-matching training (stages pretrain and finetune)."""
+
+    steps: int = 300
+    batch_size: int = 8  # global: micro-batch x grad_accum x processes
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 20
+    schedule: str = "cosine"  # or "constant" after warmup
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    min_chunks: int = 2  # chunks per training window, drawn per batch
+    max_chunks: int = 6
+    shift: float = 3.0  # flow-time schedule shift
+    history_noise_p: float = 0.5  # noisy-history augmentation probability
+    video_weight: float = 1.0
+    action_weight: float = 1.0
+    checkpoint_every: int = 100
+    seed: int = 0
+    tasks: tuple[str, ...] = ()  # task strings to train on; empty = all in the cache
+    max_episodes_per_task: int = 0  # 0 = all (finetune: the few-demo budget)
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass(frozen=True)
 class RunConfig:
     preset: str = "small"
     collect: CollectConfig = field(default_factory=CollectConfig)
@@ -134,6 +161,11 @@ class RunConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=150, lr=3e-4, warmup=10, tasks=("open the drawer",),
+                                            max_episodes_per_task=20)
+    )
 
 
 def _tiny() -> RunConfig:

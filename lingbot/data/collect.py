@@ -168,6 +168,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True) -> dict:
             root=tmp,
             robot_type=ROBOT_TYPE,
             use_videos=True,
+            video_backend="pyav",  # torchcodec needs system FFmpeg libraries; PyAV ships its own
             # Encode while collecting (no PNG round trip). LeRobot's encoder *drops* frames when its
             # queue is full, which happens on a busy 2-core machine at the default size (30): the
             # queue must hold a whole episode (validate's video frame count caught this).

@@ -284,35 +284,57 @@ def sample_times(shape, shift: float, generator=None, device=None) -> torch.Tens
     return shift * u / (1 + (shift - 1) * u)
 
 
-def flow_matching_loss(model: WorldModel, batch: dict, action_channels_used: int, shift: float = 3.0,
-                       history_noise_p: float = 0.5, video_weight: float = 1.0, action_weight: float = 1.0,
-                       generator: torch.Generator | None = None) -> dict:
-    """One teacher-forced pass. batch: video (B,n,C,z,h,w), actions (B,n,K,A), action_mask (B,n,K), task."""
+def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p: float,
+               generator: torch.Generator | None = None) -> dict:
+    """Every random draw of one teacher-forced step, for the whole (global) batch.
+
+    Drawn apart from the loss so that data-parallel ranks can draw the global batch's noise from one
+    seeded generator and each take its own rows: N processes then compute exactly what one would.
+    """
+    video, actions = batch["video"], batch["actions"]
+    B, n = video.shape[:2]
+    g = generator
+    action_shape = (*actions.shape[:-1], action_channels)
+    return {
+        "t_video": sample_times((B, n), shift, g),
+        "t_action": sample_times((B, n), shift, g),
+        "eps_video": torch.randn(video.shape, generator=g),
+        "eps_action": torch.randn(action_shape, generator=g),
+        "history": (torch.rand(B, generator=g) < history_noise_p) * torch.rand(B, generator=g) * 0.5,
+        "eps_history": torch.randn(video.shape, generator=g),
+    }
+
+
+def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_channels_used: int,
+                       video_weight: float = 1.0, action_weight: float = 1.0) -> dict:
+    """One teacher-forced pass. batch: video (B,n,C,z,h,w), actions (B,n,K,a), action_mask (B,n,K), task."""
     video, actions, step_mask = batch["video"], batch["actions"], batch["action_mask"]
     B, n = video.shape[:2]
-    A = model.cfg.action_channels
+    A = getattr(model, "module", model).cfg.action_channels  # unwrap DDP
     if actions.shape[-1] < A:  # the robot's channels first, the rest zero and masked out of the loss
         actions = F.pad(actions, (0, A - actions.shape[-1]))
     dev = video.device
-    t_v = sample_times((B, n), shift, generator, dev)
-    t_a = sample_times((B, n), shift, generator, dev)
-    eps_v = torch.randn(video.shape, generator=generator, device=dev)
-    eps_a = torch.randn(actions.shape, generator=generator, device=dev)
-    noisy_v = (1 - t_v)[..., None, None, None, None] * video + t_v[..., None, None, None, None] * eps_v
-    noisy_a = (1 - t_a)[..., None, None] * actions + t_a[..., None, None] * eps_a
+    nz = {k: v.to(dev) for k, v in noise.items()}
+    t_v, t_a = nz["t_video"], nz["t_action"]
 
-    # Noisy-history augmentation: per sample, re-noise the clean video history to a level in [0, 0.5].
-    renoise = torch.rand(B, generator=generator, device=dev) < history_noise_p
-    level = torch.rand(B, generator=generator, device=dev) * 0.5 * renoise
-    t_h = level[:, None].expand(B, n)
-    hist_eps = torch.randn(video.shape, generator=generator, device=dev)
-    clean_v = (1 - t_h)[..., None, None, None, None] * video + t_h[..., None, None, None, None] * hist_eps
+    def mix(x, eps, t, dims):
+        t = t.view(*t.shape, *([1] * dims))
+        return (1 - t) * x + t * eps
+
+    noisy_v = mix(video, nz["eps_video"], t_v, 4)
+    noisy_a = mix(actions, nz["eps_action"], t_a, 2)
+    # Noisy-history augmentation: the clean video history re-noised to a level in [0, 0.5] (told to the model).
+    t_h = nz["history"][:, None].expand(B, n)
+    clean_v = mix(video, nz["eps_history"], t_h, 4)
 
     pred_v, pred_a = model(noisy_v, clean_v, noisy_a, actions, t_v, t_a, t_h, batch["task"])
-    loss_v = F.mse_loss(pred_v, eps_v - video)
+    loss_v = F.mse_loss(pred_v, nz["eps_video"] - video)
     channel = torch.zeros(A, device=dev)
     channel[:action_channels_used] = 1
     weight = step_mask.float()[..., None] * channel
-    loss_a = ((pred_a - (eps_a - actions)) ** 2 * weight).sum() / weight.sum().clamp_min(1)
+    # Divided by every (sample, step, used channel) slot, not by the unmasked count: the mean then splits
+    # exactly over micro-batches and processes (gradient accumulation and DDP equal one big batch).
+    slots = step_mask.numel() * max(1, action_channels_used)
+    loss_a = ((pred_a - (nz["eps_action"] - actions)) ** 2 * weight).sum() / slots
     loss = video_weight * loss_v + action_weight * loss_a
     return {"loss": loss, "video": loss_v.detach(), "action": loss_a.detach()}

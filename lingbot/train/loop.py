@@ -1,0 +1,298 @@
+"""Training: teacher-forced flow matching over windows of the latent cache.
+
+Every random choice of step s (which episodes, which window, which noise) comes from generators seeded
+by (seed, s), never from a stream consumed over time. So a run stopped after N steps and resumed
+from its checkpoint takes exactly the steps an uninterrupted run takes, and N data-parallel processes
+compute the same global batch as one process (each takes its rows of the same draw).
+
+Checkpoint directory (one format, no pickles)::
+
+    config.json             model config, train config, data shapes, step
+    model.safetensors       weights            ema.safetensors   EMA weights (the released ones)
+    optimizer.safetensors   AdamW moments      trainer.json      step, scheduler, loss log tail
+
+Distributed: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DDP on gloo (CPU) or NCCL (CUDA);
+rank 0 writes. FSDP2 and activation checkpointing are applied by separate functions, keeping the model
+file free of distributed code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lingbot.config import ModelConfig, TrainConfig
+from lingbot.errors import LingbotError
+from lingbot.fsutil import atomic_dir, atomic_file, write_json
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: a step-indexed sampler over the cache.
+
+
+class StepSampler:
+    """The global batch of step s: episodes and one window length drawn from rng(seed, s)."""
+
+    def __init__(self, data, cfg: TrainConfig, episodes: list[int]):
+        self.data, self.cfg, self.episodes = data, cfg, episodes
+        self.lengths = {e: data.manifest["episodes"][str(e)]["latent_frames"] for e in episodes}
+
+    def batch(self, step: int, rows: slice | None = None) -> dict:
+        from lingbot.data.latents import collate_windows
+
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step])
+        chosen = rng.choice(self.episodes, size=cfg.batch_size, replace=len(self.episodes) < cfg.batch_size)
+        shortest = min(self.lengths[e] for e in chosen)
+        n = int(rng.integers(min(cfg.min_chunks, shortest), min(cfg.max_chunks, shortest) + 1))
+        starts = [int(rng.integers(0, self.lengths[e] - n + 1)) for e in chosen]
+        items = list(zip(chosen.tolist(), starts))[rows or slice(None)]
+        return collate_windows([self.data.window(e, s, n) for e, s in items])
+
+
+def select_episodes(manifest: dict, cfg: TrainConfig, split: str = "train") -> list[int]:
+    tasks = manifest["tasks"]
+    wanted = set(cfg.tasks) if cfg.tasks else set(tasks)
+    unknown = wanted - set(tasks)
+    if unknown:
+        raise LingbotError(f"train: task {sorted(unknown)[0]!r} not in the latent cache (has: {', '.join(tasks)})")
+    per_task: dict[int, list[int]] = {}
+    for e, meta in sorted(manifest["episodes"].items(), key=lambda kv: int(kv[0])):
+        if meta["split"] == split and tasks[meta["task_index"]] in wanted:
+            per_task.setdefault(meta["task_index"], []).append(int(e))
+    if cfg.max_episodes_per_task:
+        per_task = {t: eps[: cfg.max_episodes_per_task] for t, eps in per_task.items()}
+    episodes = sorted(e for eps in per_task.values() for e in eps)
+    if not episodes:
+        raise LingbotError(f"train: no {split} episodes for tasks {sorted(wanted)}")
+    return episodes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimisation pieces.
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model, decay: float) -> None:
+    for name, p in model.named_parameters():
+        ema[name].lerp_(p.detach(), 1 - decay)
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each MoT layer in the backward pass instead of storing its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        forward = layer.forward
+        layer.forward = lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def save_checkpoint(path: Path, model, ema, optimizer, step: int, meta: dict, log: list[dict]) -> None:
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors, slots = {}, {}
+    for pid, st in state["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.contiguous()
+            else:
+                slots[f"{pid}.{key}"] = value
+    with atomic_dir(Path(path)) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        save_file(tensors or {"empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "config.json", {**meta, "step": step})
+        write_json(tmp / "trainer.json", {"step": step, "param_groups": state["param_groups"], "slots": slots,
+                                          "log": log[-1000:]})
+
+
+def load_checkpoint(path: Path, model, ema, optimizer) -> tuple[int, list[dict]]:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    ema.update(load_file(str(path / "ema.safetensors")))
+    trainer = json.loads((path / "trainer.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key == "empty":
+            continue
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in trainer["slots"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": trainer["param_groups"]})
+    return int(trainer["step"]), list(trainer["log"])
+
+
+def load_weights(path: Path, which: str = "ema") -> tuple[dict, dict]:
+    """(state dict, config.json) of a checkpoint: `ema` or `model` weights."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LingbotError(f"{path}: not a lingbot checkpoint (config.json missing)")
+    return load_file(str(path / f"{which}.safetensors")), json.loads((path / "config.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init_from: Path | None = None,
+          stop_after: int | None = None, progress: bool = True) -> dict:
+    """Train (or resume) into `out/checkpoint`; write `out/log.tsv`. Returns summary metrics.
+
+    `init_from`: a checkpoint whose EMA weights start the run (finetune from pretrain).
+    `stop_after`: end after this step count (simulates an interruption; the run resumes from `out`).
+    """
+    from tqdm import tqdm
+
+    from lingbot.data.latents import LatentWindows
+    from lingbot.model.world_model import WorldModel, count_parameters, draw_noise, flow_matching_loss
+
+    rank, world = _distributed()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise LingbotError(f"train: batch_size {cfg.batch_size} must divide into {world} processes x "
+                           f"{cfg.grad_accum} accumulation steps")
+    data = LatentWindows(cache)
+    manifest = data.manifest
+    episodes = select_episodes(manifest, cfg)
+    sampler = StepSampler(data, cfg, episodes)
+    cameras, k = len(manifest["cameras"]), manifest["actions_per_latent"]
+    action_dim = len(manifest["stats"]["action"]["q01"])
+    if manifest["z_dim"] != model_cfg.latent_channels:
+        model_cfg = dataclasses.replace(model_cfg, latent_channels=manifest["z_dim"])
+    if action_dim > model_cfg.action_channels:
+        raise LingbotError(f"train: robot has {action_dim} action channels, model only {model_cfg.action_channels}")
+
+    torch.manual_seed(cfg.seed)
+    model = WorldModel(model_cfg, cameras=cameras, actions_per_chunk=k).to(device)
+    if init_from is not None:
+        weights, _ = load_weights(Path(init_from))
+        model.load_state_dict(weights)
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = make_optimizer(model, cfg)
+    meta = {
+        "model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg), "cameras": cameras,
+        "actions_per_chunk": k, "action_dim": action_dim, "cache_fingerprints": manifest["fingerprints"],
+        "tasks": manifest["tasks"], "stats": manifest["stats"], "camera_keys": manifest["cameras"],
+    }
+    ckpt = Path(out) / "checkpoint"
+    step, log = 0, []
+    if (ckpt / "trainer.json").is_file():
+        step, log = load_checkpoint(ckpt, model, ema, optimizer)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    per_rank = cfg.batch_size // world
+    micro = per_rank // cfg.grad_accum
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bar = tqdm(total=end, initial=step, desc="train", disable=not progress or rank != 0)
+    t0, samples, tokens = time.perf_counter(), 0, 0
+    while step < end:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        batch = sampler.batch(step)
+        noise = draw_noise(batch, model_cfg.action_channels, cfg.shift, cfg.history_noise_p,
+                           torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        total = {"loss": 0.0, "video": 0.0, "action": 0.0}
+        for a in range(cfg.grad_accum):
+            lo = rank * per_rank + a * micro
+            rows = slice(lo, lo + micro)
+            part = {key: v[rows].to(device) for key, v in batch.items() if torch.is_tensor(v)}
+            part_noise = {key: v[rows] for key, v in noise.items()}
+            sync = a == cfg.grad_accum - 1 or world == 1
+            ctx = net.no_sync() if (world > 1 and not sync) else torch.enable_grad()
+            with ctx, autocast:
+                losses = flow_matching_loss(net, part, part_noise, action_dim, cfg.video_weight, cfg.action_weight)
+                (losses["loss"] / cfg.grad_accum).backward()
+            for key in total:
+                total[key] += float(losses[key].detach()) / cfg.grad_accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(ema, model, cfg.ema_decay)
+        step += 1
+        n_chunks = batch["video"].shape[1]
+        samples += cfg.batch_size
+        tokens += cfg.batch_size * 2 * n_chunks * (model.layout(1, *batch["video"].shape[-2:], "cpu")["Tv"] + k)
+        entry = {"step": step, "loss": round(total["loss"], 6), "video_loss": round(total["video"], 6),
+                 "action_loss": round(total["action"], 6), "lr": optimizer.param_groups[0]["lr"],
+                 "grad_norm": round(grad_norm, 4)}
+        log.append(entry)
+        bar.update(1)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", act=f"{entry['action_loss']:.3f}",
+                        sps=f"{samples / (time.perf_counter() - t0):.1f}")
+        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):
+            save_checkpoint(ckpt, model, ema, optimizer, step, meta, log)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if rank == 0:
+        with atomic_file(Path(out) / "log.tsv") as tmp:
+            with open(tmp, "w") as f:
+                f.write("step\tloss\tvideo_loss\taction_loss\tlr\tgrad_norm\n")
+                for e in log:
+                    f.write(f"{e['step']}\t{e['loss']}\t{e['video_loss']}\t{e['action_loss']}\t{e['lr']:.6g}\t{e['grad_norm']}\n")
+    counts = count_parameters(model)
+    tail = log[-20:] if log else [{"loss": float("nan"), "action_loss": float("nan"), "video_loss": float("nan")}]
+    return {
+        "steps": step,
+        "episodes": len(episodes),
+        "final_loss": round(float(np.mean([e["loss"] for e in tail])), 5),
+        "final_action_loss": round(float(np.mean([e["action_loss"] for e in tail])), 5),
+        "final_video_loss": round(float(np.mean([e["video_loss"] for e in tail])), 5),
+        "params_video": counts["video"],
+        "params_action": counts["action"],
+        "samples_per_s": round(samples / elapsed, 2) if samples else None,
+        "tokens_per_s": round(tokens / elapsed, 1) if samples else None,
+        "world_size": world,
+    }

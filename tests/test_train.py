@@ -1,0 +1,78 @@
+"""Training: it learns, resumes exactly, and 2 DDP processes equal 1 on the same global batch."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lingbot.config import TrainConfig, preset
+from lingbot.data.latents import build_cache
+from lingbot.config import LatentsConfig
+from lingbot.train.loop import train
+
+CFG = TrainConfig(steps=6, batch_size=4, lr=3e-3, warmup=2, checkpoint_every=3, min_chunks=2, max_chunks=3)
+
+
+@pytest.fixture(scope="module")
+def latent_cache(tmp_path_factory, ingested, vae_dir):
+    out = tmp_path_factory.mktemp("train-cache") / "latents"
+    build_cache(ingested, vae_dir, out, LatentsConfig(episodes_per_shard=2), progress=False)
+    return out
+
+
+def _weights(run):
+    return load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
+def test_exact_resume(latent_cache, tmp_path):
+    model = preset("tiny").model
+    once = train(CFG, model, latent_cache, tmp_path / "once", progress=False)
+    train(CFG, model, latent_cache, tmp_path / "split", stop_after=3, progress=False)
+    resumed = train(CFG, model, latent_cache, tmp_path / "split", progress=False)
+    assert once["steps"] == resumed["steps"] == CFG.steps
+    a, b = _weights(tmp_path / "once"), _weights(tmp_path / "split")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ema_a = load_file(str(tmp_path / "once" / "checkpoint" / "ema.safetensors"))
+    ema_b = load_file(str(tmp_path / "split" / "checkpoint" / "ema.safetensors"))
+    assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
+    log = (tmp_path / "split" / "log.tsv").read_text().splitlines()
+    assert len(log) == CFG.steps + 1
+
+
+def test_gradient_accumulation_matches_one_big_batch(latent_cache, tmp_path):
+    model = preset("tiny").model
+    train(CFG, model, latent_cache, tmp_path / "big", progress=False)
+    train(dataclasses.replace(CFG, grad_accum=2), model, latent_cache, tmp_path / "acc", progress=False)
+    a, b = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+
+
+def test_finetune_starts_from_pretrain_and_learns(latent_cache, tmp_path):
+    model = preset("tiny").model
+    cfg = dataclasses.replace(CFG, steps=40, checkpoint_every=40)
+    pre = train(cfg, model, latent_cache, tmp_path / "pre", progress=False)
+    first = [float(l.split("\t")[1]) for l in (tmp_path / "pre" / "log.tsv").read_text().splitlines()[1:6]]
+    assert pre["final_loss"] < sum(first) / len(first)
+    fine = dataclasses.replace(cfg, steps=2, tasks=("open the drawer",), max_episodes_per_task=1)
+    report = train(fine, model, latent_cache, tmp_path / "fine", init_from=tmp_path / "pre" / "checkpoint",
+                   progress=False)
+    assert report["episodes"] == 1
+
+
+def test_two_ddp_processes_equal_one(latent_cache, tmp_path, tiny_config):
+    model = preset("tiny").model
+    cfg = dataclasses.replace(CFG, steps=3, checkpoint_every=3)
+    train(cfg, model, latent_cache, tmp_path / "single", progress=False)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"preset: tiny\npretrain:\n  steps: 3\n  batch_size: 4\n  lr: 0.003\n  warmup: 2\n"
+                      f"  checkpoint_every: 3\n  min_chunks: 2\n  max_chunks: 3\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "lingbot.cli", "pretrain", str(latent_cache), "--params", str(params),
+                    "--out", str(tmp_path / "ddp"), "--quiet"], check=True, env=env, capture_output=True)
+    a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
