@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -128,7 +130,12 @@ def cmd_train(args) -> int:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     report = train(cfg, run.model, Path(args.cache), Path(args.out),
                    init_from=Path(args.init) if args.init else None, progress=not args.quiet)
-    if report["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.log:
+            from lingbot.fsutil import atomic_file
+
+            with atomic_file(Path(args.log)) as tmp:
+                shutil.copyfile(Path(args.out) / "log.tsv", tmp)
         _write_metrics(args, report)
         _print_json(report)
     return 0
@@ -208,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="run directory (checkpoint/, log.tsv); resumes if present")
         p.add_argument("--init", required=(name == "finetune"), help="checkpoint whose EMA weights start the run")
         p.add_argument("--steps", type=int, help="total optimizer steps")
+        p.add_argument("--log", help="copy the per-step loss log here (TSV, for DVC plots)")
         p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_train)

@@ -15,8 +15,11 @@ TINY_PARAMS = {
     "validate": {"min_episode_length": 8},
     "vae": {"steps": 2},
     "latents": {"episodes_per_shard": 2},
+    "model": {"depth": 2},
+    "pretrain": {"steps": 2, "batch_size": 2},
+    "finetune": {"steps": 2, "batch_size": 2, "tasks": ["open the drawer"], "max_episodes_per_task": 1},
 }
-STAGES = ("collect", "ingest", "validate", "fit_vae", "cache_latents")
+STAGES = ("collect", "ingest", "validate", "fit_vae", "cache_latents", "pretrain", "finetune")
 
 
 def _dvc(workdir, *args, check=True):

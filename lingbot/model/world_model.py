@@ -96,8 +96,28 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 # One expert's half of a layer.
 
 
+class CrossAttention(nn.Module):
+    """Queries from the stream, keys/values from the task text; RMS-normed q and k (Wan's attn2)."""
+
+    def __init__(self, width: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q, self.to_k, self.to_v = nn.Linear(width, inner), nn.Linear(width, inner), nn.Linear(width, inner)
+        self.norm_q, self.norm_k = nn.RMSNorm(inner, eps=1e-6), nn.RMSNorm(inner, eps=1e-6)
+        self.to_out = nn.Linear(inner, width)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        def heads(t):
+            return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+        q = heads(self.norm_q(self.to_q(x)))
+        k, v = heads(self.norm_k(self.to_k(text))), heads(self.to_v(text))
+        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
 class ExpertLayer(nn.Module):
-    def __init__(self, width: int, ffn: int, heads: int, head_dim: int, text_dim: int | None):
+    def __init__(self, width: int, ffn: int, heads: int, head_dim: int, cross: bool):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim = heads, head_dim
@@ -109,9 +129,9 @@ class ExpertLayer(nn.Module):
         self.norm_k = nn.RMSNorm(inner, eps=1e-6)
         self.to_out = nn.Linear(inner, width)
         self.cross = None
-        if text_dim is not None:  # cross-attention to the task text (video expert only)
+        if cross:  # cross-attention to the task text (video expert only)
             self.norm_cross = nn.LayerNorm(width, eps=1e-6)
-            self.cross = nn.MultiheadAttention(width, heads, batch_first=True, kdim=text_dim, vdim=text_dim)
+            self.cross = CrossAttention(width, heads, head_dim)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, width))
         # AdaLN: shift/scale/gate for attention and FFN, added to a learned table (Wan's layout).
@@ -135,7 +155,7 @@ class ExpertLayer(nn.Module):
         """Residual attention output, cross-attention, then the modulated FFN. attn: (B, L, H*hd)."""
         x = x + self.to_out(attn) * mod[:, :, 2]
         if self.cross is not None:
-            x = x + self.cross(self.norm_cross(x), text, text, need_weights=False)[0]
+            x = x + self.cross(self.norm_cross(x), text)
         h = self.norm2(x) * (1 + mod[:, :, 4]) + mod[:, :, 3]
         return x + self.ffn(h) * mod[:, :, 5]
 
@@ -145,8 +165,8 @@ class MoTLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.video = ExpertLayer(cfg.video_width, cfg.video_ffn, cfg.heads, cfg.head_dim, cfg.video_width)
-        self.action = ExpertLayer(cfg.action_width, cfg.action_ffn, cfg.heads, cfg.head_dim, None)
+        self.video = ExpertLayer(cfg.video_width, cfg.video_ffn, cfg.heads, cfg.head_dim, cross=True)
+        self.action = ExpertLayer(cfg.action_width, cfg.action_ffn, cfg.heads, cfg.head_dim, cross=False)
 
     def forward(self, xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text):
         qv, kv, vv = self.video.qkv(xv, mod_v + self.video.modulation, angles_v)
@@ -175,13 +195,19 @@ class WorldModel(nn.Module):
         self.action_in = nn.Linear(cfg.action_channels, Da)
         self.text_in = nn.Sequential(nn.Linear(cfg.text_dim, Dv), nn.GELU(approximate="tanh"), nn.Linear(Dv, Dv))
         self.camera_embed = nn.Parameter(torch.zeros(cameras, Dv))
-        self.time_v = nn.Sequential(nn.Linear(cfg.freq_dim, Dv), nn.SiLU(), nn.Linear(Dv, 6 * Dv))
-        self.time_a = nn.Sequential(nn.Linear(cfg.freq_dim, Da), nn.SiLU(), nn.Linear(Da, 6 * Da))
+        # Timestep conditioning in Wan's layout: embed (Linear, SiLU, Linear), then per-layer AdaLN
+        # parameters from proj (SiLU, Linear to 6 x width); the output norm is modulated by the embedding.
+        self.time_embed_v = nn.Sequential(nn.Linear(cfg.freq_dim, Dv), nn.SiLU(), nn.Linear(Dv, Dv))
+        self.time_proj_v = nn.Sequential(nn.SiLU(), nn.Linear(Dv, 6 * Dv))
+        self.time_embed_a = nn.Sequential(nn.Linear(cfg.freq_dim, Da), nn.SiLU(), nn.Linear(Da, Da))
+        self.time_proj_a = nn.Sequential(nn.SiLU(), nn.Linear(Da, 6 * Da))
         self.layers = nn.ModuleList(MoTLayer(cfg) for _ in range(cfg.depth))
         self.norm_v = nn.LayerNorm(Dv, elementwise_affine=False, eps=1e-6)
         self.norm_a = nn.LayerNorm(Da, elementwise_affine=False, eps=1e-6)
         self.video_out = nn.Linear(Dv, self.patch_dim)
         self.action_out = nn.Linear(Da, cfg.action_channels)
+        self.out_modulation_v = nn.Parameter(torch.randn(1, 2, Dv) / Dv**0.5)
+        self.out_modulation_a = nn.Parameter(torch.randn(1, 2, Da) / Da**0.5)
         for head in (self.video_out, self.action_out):  # start as a zero velocity field
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
@@ -226,6 +252,12 @@ class WorldModel(nn.Module):
             "Tv": Tv,
         }
 
+    @staticmethod
+    def _out_norm(norm, x, emb, table):
+        """Final norm modulated by the timestep embedding: Wan's norm_out + scale_shift_table."""
+        shift, scale = (table[None] + emb[:, :, None]).unbind(2)  # (B, L, D) each
+        return norm(x) * (1 + scale) + shift
+
     # -- forward -----------------------------------------------------------------------------------
 
     def forward(self, noisy_video, clean_video, noisy_action, clean_action, t_video, t_action,
@@ -248,8 +280,10 @@ class WorldModel(nn.Module):
         zeros = torch.zeros_like(t_action)
         tv = torch.cat([t_video.repeat_interleave(Tv, 1), t_history.repeat_interleave(Tv, 1)], 1)
         ta = torch.cat([t_action.repeat_interleave(K, 1), zeros.repeat_interleave(K, 1)], 1)
-        mod_v = self.time_v(timestep_embedding(tv, self.cfg.freq_dim)).unflatten(-1, (6, -1))
-        mod_a = self.time_a(timestep_embedding(ta, self.cfg.freq_dim)).unflatten(-1, (6, -1))
+        emb_v = self.time_embed_v(timestep_embedding(tv, self.cfg.freq_dim))  # (B, Lv, Dv)
+        emb_a = self.time_embed_a(timestep_embedding(ta, self.cfg.freq_dim))
+        mod_v = self.time_proj_v(emb_v).unflatten(-1, (6, -1))  # (B, Lv, 6, Dv)
+        mod_a = self.time_proj_a(emb_a).unflatten(-1, (6, -1))
 
         vb, ab = lay["video_block"], lay["action_block"]
         block = torch.cat([vb, vb, ab, ab])
@@ -261,15 +295,16 @@ class WorldModel(nn.Module):
 
         for layer in self.layers:
             xv, xa = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text)
-        v_video = self.video_out(self.norm_v(xv[:, : n * Tv])).view(B, n, Tv, -1)
-        v_action = self.action_out(self.norm_a(xa[:, : n * K])).view(B, n, K, -1)
+        v_video = self.video_out(self._out_norm(self.norm_v, xv, emb_v, self.out_modulation_v)[:, : n * Tv])
+        v_action = self.action_out(self._out_norm(self.norm_a, xa, emb_a, self.out_modulation_a)[:, : n * K])
+        v_video, v_action = v_video.view(B, n, Tv, -1), v_action.view(B, n, K, -1)
         return self.unpatchify(v_video, h, w), v_action
 
 
 def count_parameters(model: WorldModel) -> dict[str, int]:
     """Parameters of the video expert (with its embeddings and heads) and of the action expert."""
     action = sum(p.numel() for name, p in model.named_parameters()
-                 if ".action." in name or name.startswith(("action_in", "action_out", "time_a", "norm_a")))
+                 if ".action." in name or name.startswith(("action_in", "action_out", "time_embed_a", "time_proj_a", "out_modulation_a")))
     total = sum(p.numel() for p in model.parameters())
     return {"video": total - action, "action": action, "total": total}
 
