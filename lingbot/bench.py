@@ -137,11 +137,87 @@ def bench_latents(episodes: int, workers: int) -> dict:
     }
 
 
+def bench_train(preset_name: str, steps: int = 10, latent_hw: int = 8, cameras: int = 2) -> dict:
+    """Teacher-forced training steps of a preset's world model on synthetic latents of cache shapes."""
+    import time
+
+    import torch
+
+    from lingbot.config import preset
+    from lingbot.model.world_model import WorldModel, count_parameters, draw_noise, flow_matching_loss
+    from lingbot.train.loop import make_optimizer
+
+    run_cfg = preset(preset_name)
+    cfg, tcfg = run_cfg.model, run_cfg.pretrain
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = WorldModel(cfg, cameras=cameras).to(device)
+    opt = make_optimizer(model, tcfg)
+    B, n, K = tcfg.batch_size, tcfg.max_chunks, 4
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "video": torch.randn(B, n, cameras, cfg.latent_channels, latent_hw, latent_hw, generator=g),
+        "actions": torch.rand(B, n, K, 7, generator=g) * 2 - 1,
+        "action_mask": torch.ones(B, n, K, dtype=torch.bool),
+        "task": torch.randn(B, 1, cfg.text_dim, generator=g),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step(i):
+        noise = draw_noise(batch, cfg.action_channels, tcfg.shift, tcfg.history_noise_p, torch.Generator().manual_seed(i))
+        with autocast:
+            loss = flow_matching_loss(model, batch, noise, 7)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(2):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    counts = count_parameters(model)
+    Tv = cameras * (latent_hw // cfg.patch[0]) * (latent_hw // cfg.patch[1])
+    video_tokens, action_tokens = 2 * n * Tv, 2 * n * K  # noisy + clean copies
+    # Training FLOPs per sample: 6 x params x tokens per expert, plus attention (QK^T and AV, fwd+bwd).
+    seq = video_tokens + action_tokens
+    flops = 6 * (counts["video"] * video_tokens + counts["action"] * action_tokens)
+    flops += 3 * 4 * seq * seq * cfg.heads * cfg.head_dim * cfg.depth
+    samples_per_s = B * steps / elapsed
+    result = {
+        "bench": "train",
+        "preset": preset_name,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "params_video": counts["video"],
+        "params_action": counts["action"],
+        "batch_size": B,
+        "chunks": n,
+        "tokens_per_sample": seq,
+        "step_ms": round(1000 * elapsed / steps, 1),
+        "samples_per_s": round(samples_per_s, 2),
+        "tokens_per_s": round(samples_per_s * seq, 1),
+        "tflops": round(samples_per_s * flops / 1e12, 3),
+        "mfu": None,
+    }
+    if device.type == "cuda":  # bf16 dense peak of the card (H100/H200 SXM: 989 TFLOP/s)
+        peak = 989e12 if ("H100" in result["device"] or "H200" in result["device"]) else None
+        result["mfu"] = round(samples_per_s * flops / peak, 3) if peak else None
+    return result
+
+
 def run(what: str, args) -> int:
     if what == "data":
         result = bench_data(args.episodes, args.workers)
     elif what == "latents":
         result = bench_latents(args.episodes, args.workers)
+    elif what == "train":
+        result = bench_train(args.preset, args.steps)
     else:  # argparse restricts the choices; kept for direct callers
         raise ValueError(f"unknown benchmark {what!r}")
     print(_table([(k, v) for k, v in result.items()]))

@@ -76,3 +76,23 @@ def test_two_ddp_processes_equal_one(latent_cache, tmp_path, tiny_config):
                     "--out", str(tmp_path / "ddp"), "--quiet"], check=True, env=env, capture_output=True)
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_activation_checkpointing_gives_the_same_gradients(latent_cache):
+    from lingbot.data.latents import LatentWindows
+    from lingbot.model.world_model import WorldModel, draw_noise, flow_matching_loss
+    from lingbot.train.loop import StepSampler, apply_activation_checkpointing, select_episodes
+
+    data = LatentWindows(latent_cache)
+    batch = StepSampler(data, CFG, select_episodes(data.manifest, CFG)).batch(0)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = WorldModel(dataclasses.replace(preset("tiny").model, latent_channels=data.manifest["z_dim"]),
+                           cameras=len(data.manifest["cameras"]))
+        if checkpointing:
+            apply_activation_checkpointing(model)
+        noise = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0))
+        flow_matching_loss(model, batch, noise, 4)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
