@@ -69,13 +69,12 @@ def bench_latents(episodes: int, workers: int) -> dict:
     """VAE encode throughput, streaming = batch, cached vs on-the-fly loading, memory vs episode count."""
     import time
 
-    import numpy as np
     import torch
 
     from lingbot.config import preset
     from lingbot.data.collect import collect
     from lingbot.data.ingest import ingest
-    from lingbot.data.latents import LatentWindows, build_cache, latent_alignment
+    from lingbot.data.latents import LatentWindows, build_cache
     from lingbot.data.lerobot_io import iter_episode_frames, open_layout
     from lingbot.vae.wan import StreamingEncoder, build_vae, encode_clip, load_vae, to_pixels
 
@@ -111,8 +110,7 @@ def bench_latents(episodes: int, workers: int) -> dict:
         t0 = time.perf_counter()
         for i in range(n_online):
             item = data[i % len(data)]
-            index, _ = latent_alignment(10**6, cfg.latents.frame_stride)
-            first = max(0, 4 * item["start"] - 3) if item["start"] else 0
+            first = max(0, 4 * item["start"] - 3)
             for cam in layout.video_keys:
                 ((_, frames, _),) = list(iter_episode_frames(layout, cam, [item["episode"]]))
                 window = frames[first : 1 + 4 * (item["start"] + len(item["video"]) - 1)]

@@ -68,8 +68,8 @@ def test_two_ddp_processes_equal_one(latent_cache, tmp_path, tiny_config):
     cfg = dataclasses.replace(CFG, steps=3, checkpoint_every=3)
     train(cfg, model, latent_cache, tmp_path / "single", progress=False)
     params = tmp_path / "params.yaml"
-    params.write_text(f"preset: tiny\npretrain:\n  steps: 3\n  batch_size: 4\n  lr: 0.003\n  warmup: 2\n"
-                      f"  checkpoint_every: 3\n  min_chunks: 2\n  max_chunks: 3\n")
+    params.write_text("preset: tiny\npretrain:\n  steps: 3\n  batch_size: 4\n  lr: 0.003\n  warmup: 2\n"
+                      "  checkpoint_every: 3\n  min_chunks: 2\n  max_chunks: 3\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     "-m", "lingbot.cli", "pretrain", str(latent_cache), "--params", str(params),

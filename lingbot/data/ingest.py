@@ -21,10 +21,9 @@ import numpy as np
 from lingbot.config import IngestConfig
 from lingbot.data.lerobot_io import (
     check_keys,
-    column_array,
     fingerprint,
     open_layout,
-    read_frames,
+    read_state_action,
     resolve_source,
 )
 from lingbot.errors import LingbotError
@@ -77,11 +76,8 @@ def ingest(cfg: IngestConfig, out: Path) -> dict:
         if layout.features[key].get("dtype") != "video":
             raise LingbotError(f"{source.root}: feature {key!r} is not a video camera")
 
-    table = read_frames(layout, ["episode_index", cfg.state, cfg.action])
+    episode_index, state, action = read_state_action(layout, cfg.state, cfg.action)
     where = layout.data_files[0].parent
-    episode_index = np.asarray(table.column("episode_index").to_pylist())
-    state = column_array(table, cfg.state, where)
-    action = column_array(table, cfg.action, where)
     for name, values in ((cfg.state, state), (cfg.action, action)):
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():

@@ -89,18 +89,16 @@ def align_episode(actions: np.ndarray, states: np.ndarray, frame_stride: int):
 
 
 def _episode_arrays(layout, episodes: list[int], state_key: str, action_key: str):
-    from lingbot.data.lerobot_io import column_array, read_frames
+    from lingbot.data.lerobot_io import read_state_action
 
-    table = read_frames(layout, ["episode_index", state_key, action_key])
-    index = np.asarray(table.column("episode_index").to_numpy())
-    where = layout.data_files[0].parent
-    states, actions = column_array(table, state_key, where), column_array(table, action_key, where)
+    index, states, actions = read_state_action(layout, state_key, action_key)
     return {ep: (actions[index == ep].astype(np.float32), states[index == ep].astype(np.float32)) for ep in episodes}
 
 
 def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard: tuple[int, int] = (0, 1),
                 rebuild: bool = False, progress: bool = True, only: list[int] | None = None) -> dict:
     """Encode the ingested dataset at `demos` with the VAE at `vae_dir` into the cache at `out`."""
+    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from lingbot.data.lerobot_io import iter_episode_frames, open_layout
@@ -181,10 +179,8 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
             }
     write_json(out / "manifest.json", manifest)
     if not (out / "tasks.safetensors").is_file():
-        from safetensors.numpy import save_file
-
         with atomic_file(out / "tasks.safetensors") as tmp:
-            save_file({"embeddings": embed_tasks(cfg.text_encoder, tasks)}, str(tmp))
+            save_file({"embeddings": torch.from_numpy(embed_tasks(cfg.text_encoder, tasks))}, str(tmp))
 
     mine = [s for s in range(len(shards)) if s % count == index]
     todo = [s for s in mine if not (out / manifest["shards"][s]).is_file()]
@@ -193,8 +189,6 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
     encode_s = 0.0
     bar = tqdm(total=sum(len(shards[s]) for s in todo), desc="cache_latents", unit="ep", disable=not progress)
     for s in todo:
-        from safetensors.torch import save_file
-
         tensors = {}
         for ep in shards[s]:
             n_frames = int(ep_rows[ep]["length"])

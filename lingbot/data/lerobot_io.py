@@ -191,6 +191,14 @@ def column_array(table, column: str, path: Path) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).reshape(len(values), -1)
 
 
+def read_state_action(layout: DatasetLayout, state_key: str, action_key: str):
+    """(episode index per frame, (N, S) states, (N, A) actions) of the whole frame table, float64."""
+    table = read_frames(layout, ["episode_index", state_key, action_key])
+    where = layout.data_files[0].parent
+    episode_index = table.column("episode_index").to_numpy()
+    return episode_index, column_array(table, state_key, where), column_array(table, action_key, where)
+
+
 def fingerprint(root: Path) -> str:
     """sha256 over every file's relative path and content: changes whenever the dataset does."""
     digest = hashlib.sha256()
@@ -225,6 +233,12 @@ def iter_episode_frames(layout: DatasetLayout, key: str, episodes: list[int] | N
 
     wanted = None if episodes is None else set(int(e) for e in episodes)
     half_frame = 0.5 / layout.fps
+
+    def finished(frames: list):
+        if not rgb:
+            return len(frames)
+        return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+
     for path, segments in _video_segments(layout, key).items():
         segments = [s for s in segments if wanted is None or s[0] in wanted]
         if not segments:
@@ -238,11 +252,15 @@ def iter_episode_frames(layout: DatasetLayout, key: str, episodes: list[int] | N
             with av.open(str(path)) as container:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
+                # Start at the keyframe before the first wanted segment, not at the top of the file:
+                # asking for one episode of a long file must not decode every episode before it.
+                if segments[0][1] > half_frame:
+                    container.seek(int((segments[0][1] - half_frame) / stream.time_base), stream=stream,
+                                   backward=True)
                 for frame in container.decode(stream):
                     t = float(frame.pts * stream.time_base) + half_frame
                     while current < len(segments) and t >= segments[current][2]:
-                        ep = segments[current][0]
-                        yield ep, (np.stack(frames) if rgb and frames else len(frames)), None
+                        yield segments[current][0], finished(frames), None
                         current, frames = current + 1, []
                     if current == len(segments):
                         break
@@ -253,5 +271,5 @@ def iter_episode_frames(layout: DatasetLayout, key: str, episodes: list[int] | N
                 yield ep, None, f"{path}: cannot decode video ({exc.__class__.__name__}; episode {ep}, {key})"
             continue
         for ep, _, _ in segments[current:]:  # segments running to the end of the file
-            yield ep, (np.stack(frames) if rgb and frames else len(frames)), None
+            yield ep, finished(frames), None
             frames = []

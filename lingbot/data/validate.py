@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lingbot.config import ValidateConfig
-from lingbot.data.lerobot_io import DatasetLayout, iter_episode_frames, open_layout, read_frames
-from lingbot.errors import LingbotError
+from lingbot.data.lerobot_io import DatasetLayout, column_array, iter_episode_frames, open_layout, read_frames
 from lingbot.fsutil import atomic_dir, write_json
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -51,13 +50,12 @@ def count_video_frames(layout: DatasetLayout, key: str) -> dict[int, int]:
 
 def _flatten(table, key: str, columns: dict) -> None:
     if key in table.column_names:
-        values = np.asarray(table.column(key).to_pylist(), dtype=np.float64)
-        values = values.reshape(len(values), -1)
+        values = column_array(table, key, Path(key))
         for i in range(values.shape[1]):
             columns[f"{key}[{i}]"] = values[:, i]
 
 
-def frame_table(layout: DatasetLayout, keys: dict, cfg: ValidateConfig):
+def frame_table(layout: DatasetLayout, keys: dict):
     """The frame table as pandas, vector columns flattened, with derived per-frame checks added."""
     import pandas as pd
 
@@ -240,25 +238,19 @@ def validate(path: Path, cfg: ValidateConfig, report_dir: Path | None = None) ->
     t0 = time.perf_counter()
     root, keys = _keys(Path(path))
     layout = open_layout(root)
-    frames = frame_table(layout, keys, cfg)
+    frames = frame_table(layout, keys)
     episodes, video_columns = episode_table(layout, keys, frames, cfg)
     suites = [
         ("frames", _frame_suite(gxe, layout, keys, frames, cfg), frames),
         ("episodes", _episode_suite(gxe, episodes, video_columns, cfg), episodes),
     ]
 
-    def _run(docs_dir):
-        return run_suites(suites, docs_dir)
-
-    if report_dir is not None:
-        with atomic_dir(Path(report_dir)) as tmp:
-            tmp.mkdir(parents=True)
-            results = _run(tmp / "data_docs")
-            report = _report(results, frames, episodes, t0)
-            write_json(tmp / "report.json", report)
-    else:
-        results = _run(None)
-        report = _report(results, frames, episodes, t0)
+    if report_dir is None:
+        return _report(run_suites(suites, None), frames, episodes, t0)
+    with atomic_dir(Path(report_dir)) as tmp:
+        tmp.mkdir(parents=True)
+        report = _report(run_suites(suites, tmp / "data_docs"), frames, episodes, t0)
+        write_json(tmp / "report.json", report)
     return report
 
 
@@ -281,5 +273,3 @@ def _report(results, frames, episodes, t0: float) -> dict:
         "validate_frames_per_s": round(len(frames) / elapsed, 1),
     }
 
-
-__all__ = ["validate", "LingbotError"]
