@@ -153,6 +153,42 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """How the released policy acts: denoising budgets, the history it keeps, synchronous or not."""
+
+    video_steps: int = 10  # Euler steps of the video flow (the full schedule)
+    video_exec_step: int = 5  # stop the video after this many steps and decode actions from it
+    action_steps: int = 10  # Euler steps of the action flow
+    shift: float = 3.0  # sampling schedule shift (as in training)
+    history_chunks: int = 6  # KV-cache ring window in chunks (0: the whole episode)
+    asynchronous: bool = False  # compute chunk k+1 while chunk k executes
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Simulation evaluation of the fine-tuned policy (stage evaluate)."""
+
+    tasks: tuple[str, ...] = ("drawer-open-v3",)  # MetaWorld task ids
+    episodes: int = 10  # per task
+    seed: int = 100_000  # held-out: collect's seeds are derived from small run seeds
+    max_steps: int = 150  # recorded steps (as collect's) before an episode counts as failed
+    workers: int = 2  # rollout processes
+    videos: int = 2  # rollout MP4s written (predicted video next to the real frames)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """Where a release goes (stage publish) and the gate it must pass."""
+
+    repo_id: str = "lingbot/metaworld-drawer-open"
+    target: str = "local"  # "local": a directory laid out like the Hub repo; "hub": the Hugging Face Hub
+    local_dir: str = "hub"  # the local hub's root (target local)
+    min_success: float = 0.0  # publish only when the overall success rate reaches this
+    private: bool = False
+
+
+@dataclass(frozen=True)
 class RunConfig:
     preset: str = "small"
     collect: CollectConfig = field(default_factory=CollectConfig)
@@ -166,6 +202,9 @@ class RunConfig:
         default_factory=lambda: TrainConfig(steps=150, lr=3e-4, warmup=10, tasks=("open the drawer",),
                                             max_episodes_per_task=20)
     )
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
 
 def _tiny() -> RunConfig:
@@ -176,6 +215,8 @@ def _tiny() -> RunConfig:
         ),
         vae=VAEConfig(base_dim=8, z_dim=4, clip_frames=5, steps=3, batch_size=2, eval_episodes=2),
         model=TINY_MODEL,
+        policy=PolicyConfig(video_steps=2, video_exec_step=1, action_steps=2),
+        evaluate=EvalConfig(episodes=2, max_steps=12, videos=1),
     )
 
 

@@ -58,3 +58,28 @@ def vae_dir(tmp_path_factory, ingested, tiny_config) -> Path:
     out = tmp_path_factory.mktemp("models") / "vae"
     fit_vae(tiny_config.vae, ingested, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def latent_cache(tmp_path_factory, ingested, vae_dir) -> Path:
+    """The tiny dataset encoded by the tiny VAE, two episodes per shard."""
+    from lingbot.config import LatentsConfig
+    from lingbot.data.latents import build_cache
+
+    out = tmp_path_factory.mktemp("train-cache") / "latents"
+    build_cache(ingested, vae_dir, out, LatentsConfig(episodes_per_shard=2), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, latent_cache, vae_dir, tiny_config) -> Path:
+    """A policy bundle of the tiny world model after a few training steps (weights no longer zero-headed)."""
+    from lingbot.policy.bundle import write_bundle
+    from lingbot.train.loop import train
+
+    run = tmp_path_factory.mktemp("bundle-run") / "run"
+    cfg = dataclasses.replace(tiny_config.pretrain, steps=3, batch_size=2, warmup=1, checkpoint_every=3)
+    train(cfg, tiny_config.model, latent_cache, run, progress=False)
+    out = tmp_path_factory.mktemp("bundle") / "policy"
+    write_bundle(out, run / "checkpoint", vae_dir, latent_cache, tiny_config.policy)
+    return out

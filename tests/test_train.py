@@ -10,18 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from lingbot.config import TrainConfig, preset
-from lingbot.data.latents import build_cache
-from lingbot.config import LatentsConfig
 from lingbot.train.loop import train
 
 CFG = TrainConfig(steps=6, batch_size=4, lr=3e-3, warmup=2, checkpoint_every=3, min_chunks=2, max_chunks=3)
-
-
-@pytest.fixture(scope="module")
-def latent_cache(tmp_path_factory, ingested, vae_dir):
-    out = tmp_path_factory.mktemp("train-cache") / "latents"
-    build_cache(ingested, vae_dir, out, LatentsConfig(episodes_per_shard=2), progress=False)
-    return out
 
 
 def _weights(run):
