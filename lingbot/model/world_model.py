@@ -168,16 +168,64 @@ class MoTLayer(nn.Module):
         self.video = ExpertLayer(cfg.video_width, cfg.video_ffn, cfg.heads, cfg.head_dim, cross=True)
         self.action = ExpertLayer(cfg.action_width, cfg.action_ffn, cfg.heads, cfg.head_dim, cross=False)
 
-    def forward(self, xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text):
+    def forward(self, xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text, past=None):
+        """Returns (xv, xa, (k, v)): the new tokens' keys/values (B, H, Lv+La, hd), RoPE applied.
+
+        past: cached (k, v) of earlier tokens, attended to before the new ones (mask columns: past, new).
+        """
         qv, kv, vv = self.video.qkv(xv, mod_v + self.video.modulation, angles_v)
         qa, ka, va = self.action.qkv(xa, mod_a + self.action.modulation, angles_a)
         q, k, v = (torch.cat(p, dim=2) for p in ((qv, qa), (kv, ka), (vv, va)))  # (B, H, Lv+La, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.transpose(1, 2).flatten(2)  # (B, Lv+La, H*hd)
         Lv = xv.shape[1]
-        xv = self.video.finish(xv, out[:, :Lv], mod_v + self.video.modulation, text)
-        xa = self.action.finish(xa, out[:, Lv:], mod_a + self.action.modulation, None)
-        return xv, xa
+        if Lv:
+            xv = self.video.finish(xv, out[:, :Lv], mod_v + self.video.modulation, text)
+        if xa.shape[1]:
+            xa = self.action.finish(xa, out[:, Lv:], mod_a + self.action.modulation, None)
+        return xv, xa, (k, v)
+
+
+class KVCache:
+    """Keys and values of the history (clean tokens) for every layer, with each token's block id.
+
+    Entries are appended in sequence order; `truncate` drops the newest (an imagined chunk being
+    replaced by the real one), `evict_before` the oldest (the ring window of an endless episode).
+    Attention over the cache is order-free (RoPE carries the positions), so both are plain slices.
+    """
+
+    def __init__(self, depth: int):
+        self.keys: list[torch.Tensor | None] = [None] * depth
+        self.values: list[torch.Tensor | None] = [None] * depth
+        self.block = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.block)
+
+    def layer(self, i: int):
+        return None if self.keys[i] is None else (self.keys[i], self.values[i])
+
+    def append(self, kvs: list[tuple[torch.Tensor, torch.Tensor]], block: torch.Tensor) -> None:
+        for i, (k, v) in enumerate(kvs):
+            self.keys[i] = k if self.keys[i] is None else torch.cat([self.keys[i], k], 2)
+            self.values[i] = v if self.values[i] is None else torch.cat([self.values[i], v], 2)
+        self.block = torch.cat([self.block, block.cpu()])
+
+    def _keep(self, sl: slice) -> None:
+        self.keys = [None if k is None else k[:, :, sl].contiguous() for k in self.keys]
+        self.values = [None if v is None else v[:, :, sl].contiguous() for v in self.values]
+        self.block = self.block[sl]
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` entries."""
+        self._keep(slice(0, length))
+
+    def evict_before(self, block: int) -> None:
+        """Drop every entry whose block id is below `block`."""
+        drop = int((self.block < block).sum())
+        if drop:
+            self._keep(slice(drop, None))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,11 +276,11 @@ class WorldModel(nn.Module):
         x = tokens.view(B, n, C, h // ph, w // pw, z, ph, pw)
         return x.permute(0, 1, 2, 5, 3, 6, 4, 7).reshape(B, n, C, z, h, w)
 
-    def layout(self, n: int, h: int, w: int, device) -> dict:
-        """Per-token block ids, positions and camera ids for n chunks of one stream copy."""
+    def layout(self, n: int, h: int, w: int, device, first: int = 0) -> dict:
+        """Per-token block ids, positions and camera ids for chunks first..first+n-1 of one stream copy."""
         ph, pw = self.cfg.patch
         gh, gw = h // ph, w // pw
-        chunk = torch.arange(n, device=device)
+        chunk = torch.arange(first, first + n, device=device)
         rows = torch.arange(gh, device=device).repeat_interleave(gw).repeat(self.cameras)
         cols = torch.arange(gw, device=device).repeat(gh).repeat(self.cameras)
         cams = torch.arange(self.cameras, device=device).repeat_interleave(gh * gw)
@@ -260,6 +308,27 @@ class WorldModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
 
+    def _video_tokens(self, video, t, lay):
+        """video (B, n, C, z, h, w) at flow times t (B, n) -> tokens (B, n*Tv, Dv), time emb, AdaLN mod."""
+        x = self.video_in(self.patchify(video).flatten(1, 2)) + self.camera_embed[lay["cams"]]
+        emb = self.time_embed_v(timestep_embedding(t.repeat_interleave(lay["Tv"], 1), self.cfg.freq_dim))
+        return x, emb, self.time_proj_v(emb).unflatten(-1, (6, -1))  # mod (B, L, 6, Dv)
+
+    def _action_tokens(self, action, t):
+        """action (B, n, K, A) at flow times t (B, n) -> tokens (B, n*K, Da), time emb, AdaLN mod."""
+        x = self.action_in(action.flatten(1, 2))
+        emb = self.time_embed_a(timestep_embedding(t.repeat_interleave(self.K, 1), self.cfg.freq_dim))
+        return x, emb, self.time_proj_a(emb).unflatten(-1, (6, -1))
+
+    def _heads(self, xv, xa, emb_v, emb_a):
+        v_video = self.video_out(self._out_norm(self.norm_v, xv, emb_v, self.out_modulation_v))
+        v_action = self.action_out(self._out_norm(self.norm_a, xa, emb_a, self.out_modulation_a))
+        return v_video, v_action
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Cached task embedding (B, Lt, text_dim) -> the video expert's cross-attention context."""
+        return self.text_in(text)
+
     def forward(self, noisy_video, clean_video, noisy_action, clean_action, t_video, t_action,
                 t_history, text):
         """Teacher-forced velocity prediction.
@@ -272,18 +341,11 @@ class WorldModel(nn.Module):
         B, n, C, z, h, w = noisy_video.shape
         lay = self.layout(n, h, w, noisy_video.device)
         Tv, K = lay["Tv"], self.K
-        cam = self.camera_embed[lay["cams"]]
-        xv = torch.cat([self.patchify(noisy_video).flatten(1, 2), self.patchify(clean_video).flatten(1, 2)], 1)
-        xv = self.video_in(xv) + cam.repeat(2, 1)
-        xa = self.action_in(torch.cat([noisy_action.flatten(1, 2), clean_action.flatten(1, 2)], 1))
-
-        zeros = torch.zeros_like(t_action)
-        tv = torch.cat([t_video.repeat_interleave(Tv, 1), t_history.repeat_interleave(Tv, 1)], 1)
-        ta = torch.cat([t_action.repeat_interleave(K, 1), zeros.repeat_interleave(K, 1)], 1)
-        emb_v = self.time_embed_v(timestep_embedding(tv, self.cfg.freq_dim))  # (B, Lv, Dv)
-        emb_a = self.time_embed_a(timestep_embedding(ta, self.cfg.freq_dim))
-        mod_v = self.time_proj_v(emb_v).unflatten(-1, (6, -1))  # (B, Lv, 6, Dv)
-        mod_a = self.time_proj_a(emb_a).unflatten(-1, (6, -1))
+        streams = [self._video_tokens(noisy_video, t_video, lay), self._video_tokens(clean_video, t_history, lay)]
+        xv, emb_v, mod_v = (torch.cat(p, 1) for p in zip(*streams))
+        streams = [self._action_tokens(noisy_action, t_action),
+                   self._action_tokens(clean_action, torch.zeros_like(t_action))]
+        xa, emb_a, mod_a = (torch.cat(p, 1) for p in zip(*streams))
 
         vb, ab = lay["video_block"], lay["action_block"]
         block = torch.cat([vb, vb, ab, ab])
@@ -291,14 +353,58 @@ class WorldModel(nn.Module):
         mask = attention_mask(block, clean, 2 * self.cfg.window_chunks)
         angles_v = rope_angles(lay["video_pos"].repeat(2, 1), self.cfg.head_dim).to(xv.device)
         angles_a = rope_angles(lay["action_pos"].repeat(2, 1), self.cfg.head_dim).to(xv.device)
-        text = self.text_in(text)
+        text = self.encode_text(text)
 
         for layer in self.layers:
-            xv, xa = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text)
-        v_video = self.video_out(self._out_norm(self.norm_v, xv, emb_v, self.out_modulation_v)[:, : n * Tv])
-        v_action = self.action_out(self._out_norm(self.norm_a, xa, emb_a, self.out_modulation_a)[:, : n * K])
+            xv, xa, _ = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text)
+        v_video, v_action = self._heads(xv[:, : n * Tv], xa[:, : n * K], emb_v[:, : n * Tv], emb_a[:, : n * K])
         v_video, v_action = v_video.view(B, n, Tv, -1), v_action.view(B, n, K, -1)
         return self.unpatchify(v_video, h, w), v_action
+
+    def step(self, cache: KVCache, chunk: int, text: torch.Tensor, video=None, t_video=None, action=None,
+             t_action=None, clean: bool = False, window_chunks: int = 0):
+        """One incremental pass over tokens of chunk `chunk` against the cached history (inference).
+
+        video (B, C, z, h, w) at flow time t_video (B,) and/or action (B, K, A) at t_action (B,); text
+        from `encode_text`. Noisy tokens (clean=False) attend to the cache and to each other; clean
+        tokens (clean=True: history, or an imagined chunk at history level t_video) are appended to the
+        cache. The mask comes from `attention_mask`, as in training, so this equals the teacher-forced
+        forward over the whole sequence. Returns (v_video (B, C, z, h, w) | None, v_action (B, K, A) | None).
+        """
+        dev = text.device
+        B = text.shape[0]
+        h, w = video.shape[-2:] if video is not None else self.cfg.patch
+        lay = self.layout(1, h, w, dev, first=chunk)
+        Dv, Da = self.cfg.video_width, self.cfg.action_width
+        if video is not None:
+            xv, emb_v, mod_v = self._video_tokens(video[:, None], t_video[:, None], lay)
+            pos_v, blk_v = lay["video_pos"], lay["video_block"]
+        else:
+            xv, emb_v, mod_v = (torch.zeros(B, 0, *s, device=dev) for s in ((Dv,), (Dv,), (6, Dv)))
+            pos_v, blk_v = torch.zeros(0, 3, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+        if action is not None:
+            xa, emb_a, mod_a = self._action_tokens(action[:, None], t_action[:, None])
+            pos_a, blk_a = lay["action_pos"], lay["action_block"]
+        else:
+            xa, emb_a, mod_a = (torch.zeros(B, 0, *s, device=dev) for s in ((Da,), (Da,), (6, Da)))
+            pos_a, blk_a = torch.zeros(0, 3, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+        new_block = torch.cat([blk_v, blk_a]).cpu()
+        block = torch.cat([cache.block, new_block])
+        flags = torch.cat([torch.ones(len(cache), dtype=torch.bool), torch.full_like(new_block, clean, dtype=torch.bool)])
+        mask = attention_mask(block, flags, 2 * window_chunks)[len(cache):]
+        mask = None if bool(mask.all()) else mask.to(dev)
+        angles_v = rope_angles(pos_v, self.cfg.head_dim).to(dev)
+        angles_a = rope_angles(pos_a, self.cfg.head_dim).to(dev)
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            xv, xa, kv = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text, past=cache.layer(i))
+            kvs.append(kv)
+        if clean:
+            cache.append(kvs, new_block)
+        v_video, v_action = self._heads(xv, xa, emb_v, emb_a)
+        out_v = self.unpatchify(v_video[:, None], h, w)[:, 0] if video is not None else None
+        out_a = v_action if action is not None else None
+        return out_v, out_a
 
 
 def count_parameters(model: WorldModel) -> dict[str, int]:

@@ -2,8 +2,8 @@
 
 One layout serves evaluation, the release on the Hub, `lingbot pull` and `lingbot serve`::
 
-    policy.json            format, model config, cameras (LeRobot keys), actions per chunk, the robot's
-                           action and state dims and names, fps, image size, policy config, text encoder,
+    policy.json            format, model config, cameras (LeRobot keys), image size [H, W], actions per
+                           chunk, the robot's action dim and keys, fps, policy config, text encoder,
                            provenance (fingerprints of the dataset / VAE / cache it was trained from)
     model.safetensors      world-model weights (the training run's EMA weights)
     normalization.json     q01/q99 (and mean/std) of the robot's actions and states
@@ -42,8 +42,16 @@ def write_bundle(out: Path, checkpoint: Path, vae_dir: Path, cache: Path, policy
     manifest = json.loads((cache / "manifest.json").read_text())
     if ckpt.get("cache_fingerprints", {}).get("vae") not in (None, manifest["fingerprints"]["vae"]):
         raise LingbotError(f"{checkpoint}: trained on a cache from another VAE than {cache}")
+    from safetensors import safe_open
+
+    first = next(iter(manifest["episodes"]))
+    with safe_open(str(cache / manifest["shards"][manifest["episodes"][first]["shard"]]), framework="pt") as f:
+        latent_hw = f.get_slice(f"{first}/video").get_shape()[-2:]
+    vae_cfg = json.loads((vae_dir / "config.json").read_text())
+    ratio = 2 ** (len(vae_cfg["dim_mult"]) - 1) * (vae_cfg.get("patch_size") or 1)
     meta = {
         "format": FORMAT,
+        "image_size": [int(latent_hw[0]) * ratio, int(latent_hw[1]) * ratio],
         "model": ckpt["model"],
         "cameras": manifest["cameras"],
         "actions_per_chunk": ckpt["actions_per_chunk"],

@@ -98,6 +98,14 @@ def encode_clip(vae, pixels: torch.Tensor, normalize: bool = True) -> torch.Tens
     return mu
 
 
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+    """Normalised latents (B, z, T, h, w) -> uint8 frames (B, 1 + 4(T-1), H, W, 3)."""
+    mean, std = latent_stats(vae)
+    pixels = vae.decode(latents * std.to(latents) + mean.to(latents)).sample
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
 class StreamingEncoder:
     """Encode a video one frame at a time, keeping the VAE's causal convolution cache between calls.
 

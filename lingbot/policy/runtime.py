@@ -1,0 +1,367 @@
+"""The real-time policy: real observations stream into a KV cache, the next chunk is imagined, actions decoded.
+
+Per chunk k (chunk 0 is the first observation alone; chunk k >= 1 holds the K actions that lead from
+latent frame k-1 to latent frame k and the video latent they produce):
+
+  1. ground: the real frames of the chunk just executed are encoded by the streaming VAE; the imagined
+     entries of that chunk are dropped from the cache and the real latent plus the executed actions are
+     written as permanent (clean) history;
+  2. imagine: the video latent of chunk k is denoised from noise against the cache for
+     `video_exec_step` of `video_steps` Euler steps (noise-latent acceleration: stopped part way) and
+     written into the cache as history at its remaining noise level (the model was trained with such
+     noisy history);
+  3. act: the action chunk is denoised against the cache (inverse dynamics from the imagined video),
+     mapped to the robot's action vector and returned.
+
+Asynchronous mode pipelines this: the chunk returned at a boundary was computed while the previous
+chunk executed (from the imagined video of that chunk); grounding the real frames and imagining the
+next chunk then run in the background, so the robot never waits when a chunk computes faster than it
+executes. Both modes draw the noise of chunk k from a generator seeded by (seed, k): a session is
+deterministic, whatever else runs in the process. A ring window (`history_chunks`) bounds memory.
+
+Frames: `observe(obs)` streams the frames between chunk boundaries; `infer(obs)` takes the boundary
+frame (the last of the executed chunk). A chunk needs 4 * frame_stride frames; fewer (a client that
+only calls `infer`) are padded with the earliest frame received, more keep the latest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lingbot.errors import LingbotError
+from lingbot.model.world_model import KVCache, WorldModel
+from lingbot.policy.bundle import read_bundle
+from lingbot.config import PolicyConfig, override
+
+
+def flow_times(steps: int, shift: float) -> torch.Tensor:
+    """Times 1 -> 0 of an Euler flow sampler, steps + 1 values, shifted like training (s > 1: noisier)."""
+    u = torch.linspace(1.0, 0.0, steps + 1)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+class ActionLayout:
+    """The model's action channels <-> the robot's action vector, explicitly.
+
+    The model predicts (K, A_model) per chunk: row i is action step i of the chunk (time major), columns
+    0..action_dim-1 are the robot's channels in the dataset's feature order, quantile-normalised to
+    -1..1; the remaining channels are unused padding. `to_robot` keeps the time order of the rows: the
+    first row is executed first.
+    """
+
+    def __init__(self, stats: dict, action_dim: int, model_channels: int):
+        if action_dim > model_channels:
+            raise LingbotError(f"robot action has {action_dim} channels, the model only {model_channels}")
+        self.lo = np.asarray(stats["q01"], np.float32)
+        self.hi = np.asarray(stats["q99"], np.float32)
+        if self.lo.shape != (action_dim,):
+            raise LingbotError(f"normalization stats have {self.lo.shape[0]} action channels, expected {action_dim}")
+        self.action_dim, self.model_channels = action_dim, model_channels
+
+    def to_robot(self, model_actions: np.ndarray) -> np.ndarray:
+        """(K, A_model) normalised -> (K, action_dim) in robot units."""
+        x = np.asarray(model_actions, np.float32)[:, : self.action_dim]
+        return (x + 1) / 2 * np.maximum(self.hi - self.lo, 1e-6) + self.lo
+
+    def to_model(self, robot_actions: np.ndarray) -> np.ndarray:
+        """(K, action_dim) robot units -> (K, A_model) normalised, padding channels zero."""
+        x = np.asarray(robot_actions, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.action_dim:
+            raise LingbotError(f"actions of shape {x.shape}, expected (steps, {self.action_dim})")
+        out = np.zeros((len(x), self.model_channels), np.float32)
+        out[:, : self.action_dim] = 2 * (x - self.lo) / np.maximum(self.hi - self.lo, 1e-6) - 1
+        return out
+
+
+class Policy:
+    """A loaded bundle: the world model, the VAE, normalisation and task embeddings. Sessions share it."""
+
+    def __init__(self, path: Path, device: str = "cpu", overrides: dict | None = None):
+        from safetensors.torch import load_file
+
+        from lingbot.vae.wan import load_vae
+
+        self.path = Path(path)
+        self.meta = read_bundle(self.path)
+        self.cfg = override(PolicyConfig(), {**self.meta["policy"], **(overrides or {})})
+        if not 1 <= self.cfg.video_exec_step <= self.cfg.video_steps:
+            raise LingbotError(f"policy: video_exec_step must be in 1..video_steps ({self.cfg.video_steps})")
+        self.device = torch.device(device)
+        self.cameras = list(self.meta["cameras"])
+        self.K = int(self.meta["actions_per_chunk"])
+        self.frame_stride = int(self.meta["frame_stride"])
+        self.model = WorldModel(self.meta["model_config"], cameras=len(self.cameras), actions_per_chunk=self.K)
+        state = load_file(str(self.path / "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise LingbotError(f"{self.path / 'model.safetensors'}: weights do not fit the model "
+                               f"(missing {missing[:1]}, unexpected {unexpected[:1]})")
+        self.model.to(self.device).eval()
+        self.vae = load_vae(self.path / "vae").to(self.device)
+        norm = json.loads((self.path / "normalization.json").read_text())
+        self.layout = ActionLayout(norm["action"], int(self.meta["action_dim"]), self.model.cfg.action_channels)
+        self.tasks = list(self.meta["tasks"])
+        self.task_embeddings = load_file(str(self.path / "tasks.safetensors"))["embeddings"]
+
+    def task_embedding(self, task: str) -> torch.Tensor:
+        """(1, Lt, text_dim): from the bundle for a trained task, else from the bundle's text encoder."""
+        if task in self.tasks:
+            emb = self.task_embeddings[self.tasks.index(task)]
+        else:
+            from lingbot.data.text import embed_tasks
+
+            emb = torch.from_numpy(embed_tasks(self.meta["text_encoder"], [task])[0])
+        return emb[None].to(self.device)
+
+    def new_session(self, task: str | None = None, seed: int | None = None) -> "Session":
+        return Session(self, task or self.tasks[0], self.cfg.seed if seed is None else seed)
+
+
+def load_policy(path: str | Path, device: str = "cpu", **overrides) -> Policy:
+    """Load a policy bundle (see lingbot/policy/bundle.py); `overrides` change PolicyConfig fields."""
+    return Policy(Path(path), device, overrides)
+
+
+class Session:
+    """One episode stream with its own KV cache and streaming VAE state. Not shared between threads."""
+
+    def __init__(self, policy: Policy, task: str, seed: int):
+        from lingbot.vae.wan import StreamingEncoder
+
+        self.policy, self.seed = policy, seed
+        self.encoder = StreamingEncoder(policy.vae)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1) if policy.cfg.asynchronous else None
+        self.reset(task)
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def reset(self, task: str | None = None) -> None:
+        self._wait()
+        p = self.policy
+        if task is not None:
+            self.task = task
+        with torch.no_grad():
+            self.text = p.model.encode_text(p.task_embedding(self.task))
+        self.cache = KVCache(p.model.cfg.depth)
+        self.encoder.reset()
+        self.chunk = 0  # chunks grounded so far (real latents in the cache)
+        self.frames: list[dict] = []
+        self.queue: deque = deque()
+        self.pending = None  # async: the future of the next chunk
+        self.imagined_at = None  # cache length before the newest imagined entries
+        self.executing = None  # model-space actions of the chunk being executed (K, A)
+        self.latency_ms: list[float] = []  # per chunk: time the caller waited
+        self.compute_ms: list[float] = []  # per chunk: time spent computing it
+        self.real_latents: list[torch.Tensor] = []  # (cams, z, h, w) per grounded chunk
+        self.executed: list[np.ndarray] = []  # (K, A_model) per grounded chunk
+        self.imagined_latents: list[torch.Tensor] = []
+
+    def observe(self, observation: dict) -> None:
+        """Stream one real frame taken between chunk boundaries."""
+        self.frames.append(self._images(observation))
+
+    def infer(self, observation: dict) -> np.ndarray:
+        """The boundary frame in, the next action chunk out: (K, action_dim) float32 in robot units."""
+        start = time.perf_counter()
+        self.frames.append(self._images(observation))
+        latent = self._encode_chunk_frames()
+        if self._executor is None:
+            actions = self._ground_and_predict(latent)
+        else:
+            actions = self._async_step(latent)
+        self.latency_ms.append((time.perf_counter() - start) * 1000)
+        self.executing = actions
+        return self.policy.layout.to_robot(actions)
+
+    def select_action(self, observation: dict) -> np.ndarray:
+        """LeRobot's per-step contract: one action (action_dim,); a new chunk every K steps."""
+        if not self.queue:
+            self.queue.extend(self.infer(observation))
+        else:
+            self.observe(observation)
+        return self.queue.popleft()
+
+    def close(self) -> None:
+        self._wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self.cache = KVCache(0)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _images(self, observation: dict) -> torch.Tensor:
+        """(cameras, 3, H, W) in [-1, 1] from the observation's camera keys."""
+        from lingbot.vae.wan import to_pixels
+
+        images = []
+        for key in self.policy.cameras:
+            if key not in observation:
+                raise LingbotError(f"observation has no {key!r} (keys: {', '.join(sorted(observation))})")
+            image = np.asarray(observation[key])
+            if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+                raise LingbotError(f"observation {key!r}: expected uint8 (H, W, 3), got {image.dtype} {image.shape}")
+            images.append(image)
+        return to_pixels(np.stack(images)[:, None])[:, :, 0]  # (cams, 3, H, W)
+
+    def _encode_chunk_frames(self) -> torch.Tensor:
+        """The real latent (1, cams, z, h, w) of the chunk that just ended, from the buffered frames."""
+        if self.chunk == 0:
+            frames = self.frames[-1:]
+        else:
+            need = 4 * self.policy.frame_stride
+            frames = self.frames[-need:]
+            frames = [frames[0]] * (need - len(frames)) + frames
+            frames = frames[self.policy.frame_stride - 1 :: self.policy.frame_stride]
+        self.frames = []
+        latent = None
+        for frame in frames:
+            latent = self.encoder.push(frame.to(self.policy.device))
+        assert latent is not None, "the VAE stream is out of step with the chunks"
+        return latent[None]  # (1, cams, z, h, w)
+
+    def _generator(self, chunk: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + chunk)
+
+    @torch.no_grad()
+    def _ground(self, latent: torch.Tensor, executed: np.ndarray | None) -> None:
+        """Replace the imagined entries of the current chunk by its real latent and executed actions."""
+        p, model = self.policy, self.policy.model
+        if self.imagined_at is not None:
+            self.cache.truncate(self.imagined_at)
+        k = self.chunk
+        if executed is None:  # chunk 0: no actions led to the first frame (padding, as in the cache)
+            executed = p.layout.to_model(np.zeros((self.K, p.layout.action_dim), np.float32))
+        action = torch.from_numpy(np.ascontiguousarray(executed))[None].to(p.device)
+        zero = torch.zeros(1, device=p.device)
+        model.step(self.cache, k, self.text, video=latent, t_video=zero, action=action, t_action=zero,
+                   clean=True, window_chunks=p.cfg.history_chunks)
+        self.real_latents.append(latent[0].cpu())
+        self.executed.append(np.asarray(executed, np.float32))
+        self.imagined_at = None
+        self.chunk = k + 1
+        if p.cfg.history_chunks:
+            self.cache.evict_before(2 * self.chunk - 2 * p.cfg.history_chunks + 1)
+
+    @property
+    def K(self) -> int:
+        return self.policy.K
+
+    @torch.no_grad()
+    def _predict(self, chunk: int) -> tuple[np.ndarray, torch.Tensor]:
+        """Imagine the video of `chunk` (written into the cache) and decode its actions (K, A_model)."""
+        p, model, cfg = self.policy, self.policy.model, self.policy.cfg
+        g = self._generator(chunk)
+        latent_shape = self.real_latents[-1].shape  # (cams, z, h, w)
+        x = torch.randn((1, *latent_shape), generator=g).to(p.device)
+        a = torch.randn((1, self.K, model.cfg.action_channels), generator=g).to(p.device)
+        window = cfg.history_chunks
+        tv = flow_times(cfg.video_steps, cfg.shift).to(p.device)
+        for i in range(cfg.video_exec_step):
+            v, _ = model.step(self.cache, chunk, self.text, video=x, t_video=tv[i : i + 1], window_chunks=window)
+            x = x + (tv[i + 1] - tv[i]) * v
+        self.imagined_at = len(self.cache)
+        model.step(self.cache, chunk, self.text, video=x, t_video=tv[cfg.video_exec_step : cfg.video_exec_step + 1],
+                   clean=True, window_chunks=window)
+        ta = flow_times(cfg.action_steps, cfg.shift).to(p.device)
+        for i in range(cfg.action_steps):
+            _, v = model.step(self.cache, chunk, self.text, action=a, t_action=ta[i : i + 1], window_chunks=window)
+            a = a + (ta[i + 1] - ta[i]) * v
+        self.imagined_latents.append(x[0].cpu())
+        return a[0].clamp(-1, 1).cpu().numpy(), x
+
+    def _ground_and_predict(self, latent: torch.Tensor) -> np.ndarray:
+        start = time.perf_counter()
+        self._ground(latent, self.executing)
+        actions, _ = self._predict(self.chunk)
+        self.compute_ms.append((time.perf_counter() - start) * 1000)
+        return actions
+
+    # -- asynchronous pipelining ------------------------------------------------------------------
+
+    def _async_step(self, latent: torch.Tensor) -> np.ndarray:
+        if self.pending is None:  # first boundary: nothing precomputed yet, compute chunk 1 now
+            actions = self._ground_and_predict(latent)
+            self.cache.truncate(self.imagined_at)  # rewritten with its actions by _speculate
+            job = (None, None, actions, self.imagined_latents.pop()[None].to(self.policy.device))
+        else:
+            actions, imagined = self.pending.result()
+            job = (latent, self.executing, actions, imagined)
+        self.pending = self._executor.submit(self._speculate, *job)
+        return actions
+
+    @torch.no_grad()
+    def _speculate(self, latent, executed, actions: np.ndarray, imagined: torch.Tensor):
+        """Background: ground the chunk whose frames arrived, keep the one executing, imagine the next."""
+        start = time.perf_counter()
+        p = self.policy
+        if latent is not None:
+            self._ground(latent, executed)
+        # The chunk being executed: its imagined video and its actions become provisional history.
+        k, provisional = self.chunk, len(self.cache)
+        action = torch.from_numpy(np.ascontiguousarray(actions))[None].to(p.device)
+        level = flow_times(p.cfg.video_steps, p.cfg.shift)[p.cfg.video_exec_step : p.cfg.video_exec_step + 1]
+        p.model.step(self.cache, k, self.text, video=imagined, t_video=level.to(p.device), action=action,
+                     t_action=torch.zeros(1, device=p.device), clean=True, window_chunks=p.cfg.history_chunks)
+        self.imagined_latents.append(imagined[0].cpu())
+        next_actions, next_imagined = self._predict(k + 1)
+        self.imagined_latents.pop()  # kept when it is the chunk being executed (next call)
+        self.imagined_at = provisional  # grounding chunk k drops its provisional entries and all after
+        self.compute_ms.append((time.perf_counter() - start) * 1000)
+        return next_actions, next_imagined
+
+    def _wait(self) -> None:
+        if getattr(self, "pending", None) is not None:
+            self.pending.result()
+            self.pending = None
+
+
+@torch.no_grad()
+def recompute_chunk(session: Session, chunk: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Reference without a cache: chunk `chunk` of `session`, every Euler step a teacher-forced forward.
+
+    Uses the session's grounded history (real latents and executed actions of chunks < chunk) and the
+    same seeded noise, so it returns what the cached session computed for that chunk: the (K, A_model)
+    actions and the imagined latent (1, cams, z, h, w). Costs a full-sequence pass per step.
+    """
+    import copy
+    import dataclasses
+
+    p, cfg = session.policy, session.policy.cfg
+    model = copy.copy(p.model)  # same modules, the policy's ring window as the attention window
+    model.cfg = dataclasses.replace(p.model.cfg, window_chunks=cfg.history_chunks)
+    n = chunk + 1
+    real = torch.stack(session.real_latents[:chunk])[None].to(p.device)  # (1, chunk, cams, z, h, w)
+    executed = torch.from_numpy(np.stack(session.executed[:chunk]))[None].to(p.device)  # (1, chunk, K, A)
+    g = session._generator(chunk)
+    x = torch.randn((1, *real.shape[2:]), generator=g).to(p.device)
+    a = torch.randn((1, p.K, p.model.cfg.action_channels), generator=g).to(p.device)
+    text = p.task_embedding(session.task)
+    zeros_t = torch.zeros(1, n, device=p.device)
+
+    def run(video_k, t_video_k, clean_k, t_history_k, action_k, t_action_k):
+        clean_video = torch.cat([real, clean_k[:, None]], 1)
+        noisy_video = torch.cat([torch.zeros_like(real), video_k[:, None]], 1)
+        clean_action = torch.cat([executed, torch.zeros_like(executed[:, :1])], 1)
+        noisy_action = torch.cat([torch.zeros_like(executed), action_k[:, None]], 1)
+        t_video, t_history, t_action = zeros_t.clone(), zeros_t.clone(), zeros_t.clone()
+        t_video[:, -1], t_history[:, -1], t_action[:, -1] = t_video_k, t_history_k, t_action_k
+        v, va = model(noisy_video, clean_video, noisy_action, clean_action, t_video, t_action, t_history, text)
+        return v[:, -1], va[:, -1]
+
+    tv = flow_times(cfg.video_steps, cfg.shift).to(p.device)
+    for i in range(cfg.video_exec_step):
+        v, _ = run(x, tv[i], torch.zeros_like(x), 0.0, a, 0.0)
+        x = x + (tv[i + 1] - tv[i]) * v
+    level = tv[cfg.video_exec_step]
+    ta = flow_times(cfg.action_steps, cfg.shift).to(p.device)
+    for i in range(cfg.action_steps):
+        _, v = run(torch.zeros_like(x), 0.0, x, level, a, ta[i])
+        a = a + (ta[i + 1] - ta[i]) * v
+    return a.clamp(-1, 1).cpu().numpy(), x

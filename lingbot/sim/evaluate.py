@@ -1,0 +1,211 @@
+"""Simulation evaluation: roll a policy bundle out in MetaWorld, in parallel processes, and score it.
+
+Each episode: reset the task with a held-out seed (EvalConfig.seed + episode number: collect's seeds are
+derived from small run seeds), stream every rendered frame to the policy session, execute each action
+chunk at the dataset's rate (sim steps per action = 80 Hz / fps), stop at success or `max_steps`.
+
+Outputs (directory `out`)::
+
+    episodes.json          one record per episode: task, seed, success, length, per-chunk latency (ms)
+    videos/<task>-<i>.mp4  real camera frames (top) over the model's imagined video (bottom), first camera
+
+Metrics (`summarize`): success rate with a 95% Wilson interval per task and overall, mean episode
+length, mean and p95 policy latency per chunk (the time a control loop waits for a chunk), and the
+achieved control frequency (executed steps per second of the rollout loop: sim, rendering and policy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lingbot.config import EvalConfig
+from lingbot.errors import LingbotError
+from lingbot.fsutil import atomic_dir, write_json
+from lingbot.sim.metaworld import SIM_HZ, MetaWorldEnv, task_description
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (sound at 0/n and n/n, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _camera_names(keys: list[str]) -> tuple[str, ...]:
+    """LeRobot image keys (observation.images.<camera>) -> MuJoCo camera names."""
+    return tuple(key.rsplit(".", 1)[-1] for key in keys)
+
+
+def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = False) -> dict:
+    """One rollout of `policy` (a loaded Policy) on MetaWorld `task`; frames kept when `record`."""
+    meta = policy.meta
+    env = MetaWorldEnv(task, int(meta["image_size"][0]), _camera_names(policy.cameras))
+    repeat = max(1, round(SIM_HZ / meta["fps"]))
+    session = policy.new_session(task_description(task), seed=seed)
+    keys = dict(zip(_camera_names(policy.cameras), policy.cameras))
+    frames = []
+
+    def observation():
+        images = env.render()
+        if record:
+            frames.append(images[next(iter(keys))])
+        return {keys[name]: image for name, image in images.items()}
+
+    try:
+        env.reset(seed)
+        obs = observation()
+        steps, success = 0, False
+        start = time.perf_counter()
+        while steps < cfg.max_steps and not success:
+            chunk = session.infer(obs)
+            for i, action in enumerate(chunk):
+                _, reached = env.step(np.clip(action, -1.0, 1.0), repeat)
+                steps += 1
+                success = success or reached
+                obs = observation()
+                if success or steps >= cfg.max_steps:
+                    break
+                if i < len(chunk) - 1:
+                    session.observe(obs)
+        wall = time.perf_counter() - start
+        result = {"task": task, "seed": seed, "success": bool(success), "length": steps,
+                  "latency_ms": [round(x, 3) for x in session.latency_ms], "wall_s": wall}
+        if record:
+            result["frames"] = np.stack(frames)
+            result["imagined"] = [session.real_latents[0]] + list(session.imagined_latents)
+        return result
+    finally:
+        session.close()
+        env.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parallel rollouts: each worker process loads the bundle once.
+
+_WORKER: dict = {}
+
+
+def _init_worker(bundle: str, threads: int) -> None:
+    import torch
+
+    from lingbot.policy.runtime import load_policy
+
+    torch.set_num_threads(threads)
+    _WORKER["policy"] = load_policy(bundle)
+
+
+def _work(job: tuple[str, int, EvalConfig, bool]) -> dict:
+    task, seed, cfg, record = job
+    return run_episode(_WORKER["policy"], task, seed, cfg, record)
+
+
+def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
+    """Roll out every (task, episode) of `cfg`, write `out` (see module docstring), return the summary."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    from lingbot.policy.bundle import read_bundle
+    from lingbot.sim.metaworld import task_names
+
+    read_bundle(bundle)  # fail fast, in this process, on a broken bundle
+    known = set(task_names())
+    for task in cfg.tasks:
+        if task not in known:
+            raise LingbotError(f"evaluate: unknown MetaWorld task {task!r}")
+    if cfg.episodes < 1:
+        raise LingbotError("evaluate: episodes must be >= 1")
+    jobs = [(task, cfg.seed + i, cfg, i < cfg.videos) for task in cfg.tasks for i in range(cfg.episodes)]
+    workers = max(1, min(cfg.workers, len(jobs)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    results = []
+    with mp.get_context("spawn").Pool(workers, _init_worker, (str(bundle), threads)) as pool:
+        bar = tqdm(total=len(jobs), desc="evaluate", unit="episode", disable=not progress)
+        for result in pool.imap_unordered(_work, jobs):
+            results.append(result)
+            bar.update()
+            bar.set_postfix(success=f"{sum(r['success'] for r in results)}/{len(results)}")
+        bar.close()
+    results.sort(key=lambda r: (cfg.tasks.index(r["task"]), r["seed"]))
+    with atomic_dir(Path(out)) as tmp:
+        (tmp / "videos").mkdir(parents=True)
+        recorded = [r for r in results if "frames" in r]
+        if recorded:
+            write_videos(bundle, recorded, tmp / "videos")
+        write_json(tmp / "episodes.json", [{k: v for k, v in r.items() if k not in ("frames", "imagined")}
+                                           for r in results])
+    return summarize(results, cfg.tasks)
+
+
+def summarize(results: list[dict], tasks: tuple[str, ...]) -> dict:
+    """Flat metrics: overall and `<task>/...` success rates with Wilson intervals, length, latency, Hz."""
+    def block(rows: list[dict]) -> dict:
+        wins = sum(r["success"] for r in rows)
+        low, high = wilson_interval(wins, len(rows))
+        return {"success_rate": wins / len(rows), "success_ci_low": round(low, 4), "success_ci_high": round(high, 4),
+                "episodes": len(rows), "mean_episode_length": float(np.mean([r["length"] for r in rows]))}
+
+    latencies = np.array([x for r in results for x in r["latency_ms"]])
+    summary = block(results) | {
+        "latency_ms_mean": round(float(latencies.mean()), 2),
+        "latency_ms_p95": round(float(np.percentile(latencies, 95)), 2),
+        "control_hz": round(sum(r["length"] for r in results) / sum(r["wall_s"] for r in results), 2),
+    }
+    for task in tasks:
+        for key, value in block([r for r in results if r["task"] == task]).items():
+            summary[f"{task}/{key}"] = value
+    return summary
+
+
+def write_videos(bundle: Path, recorded: list[dict], out: Path) -> None:
+    """MP4 per recorded episode: real frames of the first camera over the decoded imagined video."""
+    import av
+    import torch
+
+    from lingbot.vae.wan import decode_latents, load_vae
+
+    vae = load_vae(Path(bundle) / "vae")
+    for r in recorded:
+        latents = torch.stack(r["imagined"])[:, 0]  # (T, z, h, w): first camera
+        imagined = decode_latents(vae, latents.permute(1, 0, 2, 3)[None])[0]  # (1 + 4(T-1), H, W, 3)
+        real = r["frames"]
+        n = min(len(real), len(imagined))
+        frames = np.concatenate([real[:n], imagined[:n]], axis=1)  # (n, 2H, W, 3)
+        path = out / f"{r['task']}-{r['seed']}.mp4"
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("libx264", rate=10)
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+def write_plots(summary: dict, results_dir: Path, tasks: tuple[str, ...], tasks_tsv: Path, latency_tsv: Path) -> None:
+    """DVC plots: per-task success bars, and the mean policy latency per chunk index."""
+    from lingbot.fsutil import atomic_file
+
+    with atomic_file(tasks_tsv) as tmp:
+        lines = ["task\tsuccess_rate\tci_low\tci_high\tepisodes"]
+        lines += [f"{t}\t{summary[f'{t}/success_rate']:.4f}\t{summary[f'{t}/success_ci_low']:.4f}\t"
+                  f"{summary[f'{t}/success_ci_high']:.4f}\t{summary[f'{t}/episodes']}" for t in tasks]
+        tmp.write_text("\n".join(lines) + "\n")
+    episodes = json.loads((results_dir / "episodes.json").read_text())
+    longest = max(len(e["latency_ms"]) for e in episodes)
+    with atomic_file(latency_tsv) as tmp:
+        lines = ["chunk\tlatency_ms\tepisodes"]
+        for k in range(longest):
+            values = [e["latency_ms"][k] for e in episodes if len(e["latency_ms"]) > k]
+            lines.append(f"{k}\t{np.mean(values):.3f}\t{len(values)}")
+        tmp.write_text("\n".join(lines) + "\n")

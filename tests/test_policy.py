@@ -1,0 +1,144 @@
+"""The real-time policy: cached decoding equals recomputation, determinism, async pipelining, action layout."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from lingbot.policy.runtime import ActionLayout, load_policy, recompute_chunk
+
+
+def _frames(policy, n, seed=0):
+    """n observations of random uint8 images (the VAE does not care what it sees)."""
+    rng = np.random.default_rng(seed)
+    h, w = policy.meta["image_size"]
+    return [{key: rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for key in policy.cameras} for _ in range(n)]
+
+
+def _drive(session, frames, chunks):
+    """Feed frames the way a robot loop does: infer at each chunk boundary, observe in between."""
+    out, it = [], iter(frames)
+    for _ in range(chunks):
+        chunk = session.infer(next(it))
+        out.append(chunk)
+        for _ in range(len(chunk) - 1):
+            session.observe(next(it))
+    return out
+
+
+@pytest.mark.parametrize("history_chunks", [0, 2])
+def test_cached_decoding_equals_recomputing_the_whole_sequence(tiny_bundle, history_chunks):
+    policy = load_policy(tiny_bundle, history_chunks=history_chunks, video_steps=4, video_exec_step=2, action_steps=3)
+    session = policy.new_session()
+    chunks = 5
+    _drive(session, _frames(policy, 4 * chunks), chunks)
+    assert session.chunk == chunks
+    # The newest chunk of the cached session, again without any cache (window as the ring's).
+    actions, imagined = recompute_chunk(session, chunks)
+    assert np.abs(actions - session.executing).max() <= 1e-4
+    assert (imagined[0] - session.imagined_latents[-1]).abs().max().item() <= 1e-4
+    if history_chunks:  # the ring window keeps the cache bounded
+        assert session.cache.block.min().item() > 2 * (chunks - history_chunks) - 2
+
+
+def test_session_is_deterministic_and_isolated(tiny_bundle):
+    policy = load_policy(tiny_bundle)
+    frames = _frames(policy, 12, seed=1)
+    a = _drive(policy.new_session(seed=7), frames, 3)
+    noise = policy.new_session(seed=8)  # another session interleaved: must not change the first
+    _drive(noise, _frames(policy, 12, seed=2), 2)
+    b = _drive(policy.new_session(seed=7), frames, 3)
+    c = _drive(policy.new_session(seed=9), frames, 3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.allclose(a[1], c[1])
+    assert a[0].shape == (policy.K, policy.meta["action_dim"]) and a[0].dtype == np.float32
+
+
+def test_async_mode_returns_precomputed_chunks_from_the_imagined_history(tiny_bundle):
+    sync = load_policy(tiny_bundle)
+    asynchronous = load_policy(tiny_bundle, asynchronous=True)
+    frames = _frames(sync, 16, seed=3)
+    s, a = sync.new_session(seed=4), asynchronous.new_session(seed=4)
+    out_s, out_a = _drive(s, frames, 4), _drive(a, frames, 4)
+    # The first chunk is computed on the spot in both modes.
+    np.testing.assert_array_equal(out_s[0], out_a[0])
+    # Later chunks were computed before their real frames existed: they differ from sync mode, but
+    # async mode is deterministic too.
+    assert not np.allclose(out_s[2], out_a[2])
+    again = asynchronous.new_session(seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(out_a, _drive(again, frames, 4)))
+    a.close()
+    again.close()
+    # The background job of the last boundary grounded the real frames of every executed chunk, like sync.
+    assert a.chunk == s.chunk == 4 and len(a.real_latents) == 4
+    assert all(torch.equal(x, y) for x, y in zip(a.real_latents, s.real_latents))
+
+
+def test_action_layout_keeps_time_rows_and_feature_columns(latent_cache, ingested):
+    """A cached chunk mapped to the robot gives the dataset's actions in (time, feature) order."""
+    from lingbot.data.lerobot_io import open_layout, read_state_action
+
+    manifest = json.loads((latent_cache / "manifest.json").read_text())
+    stats = manifest["stats"]["action"]
+    episode, meta = next(iter(manifest["episodes"].items()))
+    with safe_open(str(latent_cache / manifest["shards"][meta["shard"]]), framework="pt") as f:
+        cached = f.get_tensor(f"{episode}/actions")  # (latents, K, A) raw robot units
+    from lingbot.data.latents import normalize
+
+    model_space = normalize(cached, stats).numpy()
+    layout = ActionLayout(stats, action_dim=model_space.shape[-1], model_channels=16)
+    padded = np.zeros((*model_space.shape[:2], 16), np.float32)
+    padded[..., : model_space.shape[-1]] = model_space
+    index, _, actions = read_state_action(open_layout(ingested / "dataset"), "observation.state", "action")
+    raw = actions[index == int(episode)]
+    K = model_space.shape[1]
+    for j in (1, 2):
+        np.testing.assert_allclose(layout.to_robot(padded[j]), raw[K * (j - 1) : K * j], atol=1e-5)
+    np.testing.assert_allclose(layout.to_model(raw[:K])[:, : raw.shape[1]], model_space[1], atol=1e-5)
+    assert not np.allclose(raw[:K].T.reshape(K, -1), raw[:K])  # a (f t) reshape would be caught
+
+
+def test_bad_observation_is_one_clear_error(tiny_bundle):
+    from lingbot.errors import LingbotError
+
+    policy = load_policy(tiny_bundle)
+    session = policy.new_session()
+    obs = _frames(policy, 1)[0]
+    missing = dict(obs)
+    missing.pop(policy.cameras[0])
+    with pytest.raises(LingbotError, match=policy.cameras[0]):
+        session.infer(missing)
+    wrong = {k: v.astype(np.float32) for k, v in obs.items()}
+    with pytest.raises(LingbotError, match="uint8"):
+        session.infer(wrong)
+
+
+def test_evaluate_rolls_out_in_metaworld_and_scores(tiny_bundle, tmp_path, tiny_config):
+    from lingbot.sim.evaluate import evaluate, wilson_interval, write_plots
+
+    cfg = tiny_config.evaluate
+    summary = evaluate(tiny_bundle, cfg, tmp_path / "eval", progress=False)
+    episodes = json.loads((tmp_path / "eval" / "episodes.json").read_text())
+    assert len(episodes) == cfg.episodes * len(cfg.tasks) == summary["episodes"]
+    assert {e["seed"] for e in episodes} == {cfg.seed + i for i in range(cfg.episodes)}
+    for e in episodes:
+        # a chunk per K steps until the step budget (a tiny model does not open the drawer)
+        assert e["length"] <= cfg.max_steps and len(e["latency_ms"]) == -(-e["length"] // 4)
+    wins = sum(e["success"] for e in episodes)
+    assert summary["success_rate"] == wins / len(episodes)
+    assert (summary["success_ci_low"], summary["success_ci_high"]) == pytest.approx(wilson_interval(wins, len(episodes)), abs=1e-4)
+    assert summary["latency_ms_p95"] >= summary["latency_ms_mean"] * 0.5 > 0
+    videos = list((tmp_path / "eval" / "videos").glob("*.mp4"))
+    assert len(videos) == cfg.videos and videos[0].stat().st_size > 1000
+    write_plots(summary, tmp_path / "eval", cfg.tasks, tmp_path / "tasks.tsv", tmp_path / "latency.tsv")
+    assert (tmp_path / "tasks.tsv").read_text().splitlines()[1].startswith(cfg.tasks[0])
+
+
+def test_wilson_interval_known_values():
+    from lingbot.sim.evaluate import wilson_interval
+
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
