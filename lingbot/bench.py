@@ -209,6 +209,91 @@ def bench_train(preset_name: str, steps: int = 10, latent_hw: int = 8, cameras: 
     return result
 
 
+def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, cameras: int = 2,
+                   histories: tuple[int, ...] = (1, 32)) -> dict:
+    """Chunk latency of the policy's denoising with the KV cache at several history lengths, against
+    recomputing the whole sequence without a cache, and full vs partial (half) video denoising.
+
+    Model part only (random weights of the preset's shapes; the VAE's per-frame encode is separate):
+    what a robot waits for between sending its boundary frame and receiving the action chunk.
+    """
+    import statistics
+    import time
+
+    import torch
+
+    from lingbot.config import preset
+    from lingbot.model.world_model import KVCache, WorldModel
+    from lingbot.policy.runtime import chunk_noise, denoise_chunk, ground_chunk, recompute_sequence
+
+    run_cfg = preset(preset_name)
+    cfg = dataclasses.replace(run_cfg.policy, history_chunks=0)  # the whole history: what is measured
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = WorldModel(run_cfg.model, cameras=cameras).to(device).eval()
+    for head in (model.video_out, model.action_out):  # trained heads are not zero: nor are these
+        torch.nn.init.normal_(head.weight, std=0.02)
+    K, A, z = model.K, run_cfg.model.action_channels, run_cfg.model.latent_channels
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 1, run_cfg.model.text_dim, generator=g).to(device)
+    longest = max(histories)
+    real = torch.randn(1, longest, cameras, z, latent_hw, latent_hw, generator=g).to(device)
+    executed = (torch.rand(1, longest, K, A, generator=g) * 2 - 1).to(device)
+    ctx = model.encode_text(text)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times)
+
+    result = {"bench": "realtime", "preset": preset_name,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "video_steps": cfg.video_steps, "video_exec_step": cfg.video_exec_step,
+              "action_steps": cfg.action_steps, "tokens_per_chunk": cameras * (latent_hw // 2) ** 2 + K}
+    caches = {}
+    with torch.no_grad():
+        for hist in histories:
+            cache = KVCache(run_cfg.model.depth)
+            for k in range(hist):
+                ground_chunk(model, cache, k, ctx, real[:, k], executed[:, k], 0)
+            caches[hist] = cache
+            x, a = chunk_noise(torch.Generator().manual_seed(hist), real.shape[2:], K, A, device)
+
+            def cached(cfg=cfg, cache=cache, hist=hist, x=x, a=a):
+                size = len(cache)
+                out = denoise_chunk(model, cache, hist, ctx, x, a, cfg)
+                cache.truncate(size)  # drop the imagined chunk: the next repeat starts alike
+                return out
+
+            result[f"latency_ms_hist{hist}"] = round(timed(cached), 2)
+            if hist == longest:
+                result[f"recompute_latency_ms_hist{hist}"] = round(timed(
+                    lambda: recompute_sequence(model, real[:, :hist], executed[:, :hist], text, x, a, cfg)), 2)
+                ref_actions, ref_x = recompute_sequence(model, real[:, :hist], executed[:, :hist], text, x, a, cfg)
+                actions, imagined = cached()
+                result["cache_vs_recompute_max_abs_diff"] = float(max(
+                    abs(actions - ref_actions).max(), (imagined - ref_x).abs().max().item()))
+                full = dataclasses.replace(cfg, video_exec_step=cfg.video_steps)
+                result["latency_ms_full_video_denoise"] = round(timed(lambda: cached(cfg=full)), 2)
+    h1, hl = result[f"latency_ms_hist{histories[0]}"], result[f"latency_ms_hist{longest}"]
+    result[f"hist{longest}_over_hist{histories[0]}"] = round(hl / h1, 3)
+    result["recompute_over_cached"] = round(result[f"recompute_latency_ms_hist{longest}"] / hl, 2)
+    result["partial_denoise_speedup"] = round(result["latency_ms_full_video_denoise"] / hl, 3)
+    chunk_s = K / 40  # the embedded default records at 40 Hz
+    result["realtime_factor_at_40hz"] = round(1000 * chunk_s / hl, 2)
+    return result
+
+
 def run(what: str, args) -> int:
     if what == "data":
         result = bench_data(args.episodes, args.workers)
@@ -216,6 +301,8 @@ def run(what: str, args) -> int:
         result = bench_latents(args.episodes, args.workers)
     elif what == "train":
         result = bench_train(args.preset, args.steps)
+    elif what == "realtime":
+        result = bench_realtime(args.preset)
     else:  # argparse restricts the choices; kept for direct callers
         raise ValueError(f"unknown benchmark {what!r}")
     print(_table([(k, v) for k, v in result.items()]))

@@ -48,10 +48,17 @@ VIDEO, ACTION = 0, 1
 # Masks: the only place that decides who attends to whom.
 
 
-def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_blocks: int = 0) -> torch.Tensor:
-    """Boolean (L, L) mask, True = may attend, from per-token block ids and clean flags (both (L,))."""
-    bq, bk = block[:, None], block[None, :]
-    cq, ck = clean[:, None], clean[None, :]
+def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_blocks: int = 0,
+                   query_block: torch.Tensor | None = None, query_clean: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (Lq, L) mask, True = may attend, from per-token block ids and clean flags (both (L,)).
+
+    Queries are the same tokens as the keys unless `query_block` / `query_clean` name others (the
+    incremental step: new tokens against cache + new).
+    """
+    if query_block is None:
+        query_block, query_clean = block, clean
+    bq, bk = query_block[:, None], block[None, :]
+    cq, ck = query_clean[:, None], clean[None, :]
     allowed = (cq & ck & (bk <= bq)) | (~cq & ck & (bk < bq)) | (~cq & ~ck & (bk == bq))
     if window_blocks > 0:
         allowed &= (bq - bk) < window_blocks
@@ -168,15 +175,15 @@ class MoTLayer(nn.Module):
         self.video = ExpertLayer(cfg.video_width, cfg.video_ffn, cfg.heads, cfg.head_dim, cross=True)
         self.action = ExpertLayer(cfg.action_width, cfg.action_ffn, cfg.heads, cfg.head_dim, cross=False)
 
-    def forward(self, xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text, past=None):
-        """Returns (xv, xa, (k, v)): the new tokens' keys/values (B, H, Lv+La, hd), RoPE applied.
-
-        past: cached (k, v) of earlier tokens, attended to before the new ones (mask columns: past, new).
-        """
-        qv, kv, vv = self.video.qkv(xv, mod_v + self.video.modulation, angles_v)
-        qa, ka, va = self.action.qkv(xa, mod_a + self.action.modulation, angles_a)
-        q, k, v = (torch.cat(p, dim=2) for p in ((qv, qa), (kv, ka), (vv, va)))  # (B, H, Lv+La, hd)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+    def forward(self, xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text, cache=None, index=0):
+        """Returns (xv, xa). With a KVCache, the new tokens attend to layer `index`'s cached keys and
+        values first (mask columns: cache, new) and their own keys/values (RoPE applied) are written
+        after them."""
+        # An incremental step may carry one stream only: the other expert is skipped entirely.
+        parts = [expert.qkv(x, mod + expert.modulation, angles) for expert, x, mod, angles in
+                 ((self.video, xv, mod_v, angles_v), (self.action, xa, mod_a, angles_a)) if x.shape[1]]
+        q, k, v = (torch.cat(p, dim=2) if len(p) > 1 else p[0] for p in zip(*parts))  # (B, H, Lv+La, hd)
+        keys, values = (k, v) if cache is None else cache.extend(index, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.transpose(1, 2).flatten(2)  # (B, Lv+La, H*hd)
         Lv = xv.shape[1]
@@ -184,7 +191,7 @@ class MoTLayer(nn.Module):
             xv = self.video.finish(xv, out[:, :Lv], mod_v + self.video.modulation, text)
         if xa.shape[1]:
             xa = self.action.finish(xa, out[:, Lv:], mod_a + self.action.modulation, None)
-        return xv, xa, (k, v)
+        return xv, xa
 
 
 class KVCache:
@@ -192,40 +199,53 @@ class KVCache:
 
     Entries are appended in sequence order; `truncate` drops the newest (an imagined chunk being
     replaced by the real one), `evict_before` the oldest (the ring window of an endless episode).
-    Attention over the cache is order-free (RoPE carries the positions), so both are plain slices.
+    Attention over the cache is order-free (RoPE carries the positions), so both are slices. Storage
+    is a buffer per layer grown by doubling: a step writes its new keys after the cached ones and
+    attends to a view, instead of copying the whole history every call.
     """
 
     def __init__(self, depth: int):
-        self.keys: list[torch.Tensor | None] = [None] * depth
-        self.values: list[torch.Tensor | None] = [None] * depth
+        self.depth = depth
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * depth
         self.block = torch.zeros(0, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.block)
 
-    def layer(self, i: int):
-        return None if self.keys[i] is None else (self.keys[i], self.values[i])
+    def extend(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys/values of cache + new tokens (views), with the new ones written after the cache.
 
-    def append(self, kvs: list[tuple[torch.Tensor, torch.Tensor]], block: torch.Tensor) -> None:
-        for i, (k, v) in enumerate(kvs):
-            self.keys[i] = k if self.keys[i] is None else torch.cat([self.keys[i], k], 2)
-            self.values[i] = v if self.values[i] is None else torch.cat([self.values[i], v], 2)
+        Writing does not commit them: only `commit` (clean tokens) makes them part of the history.
+        """
+        n, new = len(self), k.shape[2]
+        buf = self.buffers[i]
+        if buf is None or buf[0].shape[2] < n + new or buf[0].shape[0] != k.shape[0]:
+            size = max(64, 2 * (n + new))
+            grown = tuple(t.new_empty(t.shape[0], t.shape[1], size, t.shape[3]) for t in (k, v))
+            if buf is not None and n:
+                grown[0][:, :, :n], grown[1][:, :, :n] = buf[0][:, :, :n], buf[1][:, :, :n]
+            buf = self.buffers[i] = grown
+        buf[0][:, :, n : n + new], buf[1][:, :, n : n + new] = k, v
+        return buf[0][:, :, : n + new], buf[1][:, :, : n + new]
+
+    def commit(self, block: torch.Tensor) -> None:
+        """The tokens written by the last `extend` of every layer become history."""
         self.block = torch.cat([self.block, block.cpu()])
-
-    def _keep(self, sl: slice) -> None:
-        self.keys = [None if k is None else k[:, :, sl].contiguous() for k in self.keys]
-        self.values = [None if v is None else v[:, :, sl].contiguous() for v in self.values]
-        self.block = self.block[sl]
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` entries."""
-        self._keep(slice(0, length))
+        self.block = self.block[:length]
 
     def evict_before(self, block: int) -> None:
         """Drop every entry whose block id is below `block`."""
         drop = int((self.block < block).sum())
         if drop:
-            self._keep(slice(drop, None))
+            keep = len(self) - drop
+            for i, buf in enumerate(self.buffers):
+                if buf is not None:
+                    for t in buf:
+                        t[:, :, :keep] = t[:, :, drop : drop + keep].clone()
+            self.block = self.block[drop:]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,7 +376,7 @@ class WorldModel(nn.Module):
         text = self.encode_text(text)
 
         for layer in self.layers:
-            xv, xa, _ = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text)
+            xv, xa = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text)
         v_video, v_action = self._heads(xv[:, : n * Tv], xa[:, : n * K], emb_v[:, : n * Tv], emb_a[:, : n * K])
         v_video, v_action = v_video.view(B, n, Tv, -1), v_action.view(B, n, K, -1)
         return self.unpatchify(v_video, h, w), v_action
@@ -391,16 +411,14 @@ class WorldModel(nn.Module):
         new_block = torch.cat([blk_v, blk_a]).cpu()
         block = torch.cat([cache.block, new_block])
         flags = torch.cat([torch.ones(len(cache), dtype=torch.bool), torch.full_like(new_block, clean, dtype=torch.bool)])
-        mask = attention_mask(block, flags, 2 * window_chunks)[len(cache):]
+        mask = attention_mask(block, flags, 2 * window_chunks, new_block, flags[len(cache):])
         mask = None if bool(mask.all()) else mask.to(dev)
         angles_v = rope_angles(pos_v, self.cfg.head_dim).to(dev)
         angles_a = rope_angles(pos_a, self.cfg.head_dim).to(dev)
-        kvs = []
         for i, layer in enumerate(self.layers):
-            xv, xa, kv = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text, past=cache.layer(i))
-            kvs.append(kv)
+            xv, xa = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text, cache=cache, index=i)
         if clean:
-            cache.append(kvs, new_block)
+            cache.commit(new_block)
         v_video, v_action = self._heads(xv, xa, emb_v, emb_a)
         out_v = self.unpatchify(v_video[:, None], h, w)[:, 0] if video is not None else None
         out_a = v_action if action is not None else None

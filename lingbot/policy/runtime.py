@@ -47,6 +47,45 @@ def flow_times(steps: int, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def chunk_noise(generator: torch.Generator, latent_shape, K: int, action_channels: int, device):
+    """The starting noise of one chunk: video (1, cams, z, h, w) then actions (1, K, A), in that order."""
+    x = torch.randn((1, *latent_shape), generator=generator).to(device)
+    a = torch.randn((1, K, action_channels), generator=generator).to(device)
+    return x, a
+
+
+@torch.no_grad()
+def ground_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Tensor, latent: torch.Tensor,
+                 actions: torch.Tensor, history_chunks: int) -> None:
+    """Step 1: the real latent (1, cams, z, h, w) and executed actions (1, K, A) of `chunk` become history."""
+    zero = torch.zeros(1, device=latent.device)
+    model.step(cache, chunk, text, video=latent, t_video=zero, action=actions, t_action=zero, clean=True,
+               window_chunks=history_chunks)
+    if history_chunks:  # entries no later query may attend to (see attention_mask's window)
+        cache.evict_before(2 * (chunk + 1) - 2 * history_chunks + 1)
+
+
+@torch.no_grad()
+def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Tensor, x: torch.Tensor,
+                  a: torch.Tensor, cfg: PolicyConfig) -> tuple[np.ndarray, torch.Tensor]:
+    """Steps 2 and 3 of the module docstring against `cache`: the imagined video stays in the cache.
+
+    Returns the action chunk (K, A_model) in -1..1 and the imagined latent (1, cams, z, h, w).
+    """
+    window = cfg.history_chunks
+    tv = flow_times(cfg.video_steps, cfg.shift).to(x.device)
+    for i in range(cfg.video_exec_step):
+        v, _ = model.step(cache, chunk, text, video=x, t_video=tv[i : i + 1], window_chunks=window)
+        x = x + (tv[i + 1] - tv[i]) * v
+    level = tv[cfg.video_exec_step : cfg.video_exec_step + 1]
+    model.step(cache, chunk, text, video=x, t_video=level, clean=True, window_chunks=window)
+    ta = flow_times(cfg.action_steps, cfg.shift).to(x.device)
+    for i in range(cfg.action_steps):
+        _, v = model.step(cache, chunk, text, action=a, t_action=ta[i : i + 1], window_chunks=window)
+        a = a + (ta[i + 1] - ta[i]) * v
+    return a[0].clamp(-1, 1).cpu().numpy(), x
+
+
 class ActionLayout:
     """The model's action channels <-> the robot's action vector, explicitly.
 
@@ -239,42 +278,25 @@ class Session:
         if executed is None:  # chunk 0: no actions led to the first frame (padding, as in the cache)
             executed = p.layout.to_model(np.zeros((self.K, p.layout.action_dim), np.float32))
         action = torch.from_numpy(np.ascontiguousarray(executed))[None].to(p.device)
-        zero = torch.zeros(1, device=p.device)
-        model.step(self.cache, k, self.text, video=latent, t_video=zero, action=action, t_action=zero,
-                   clean=True, window_chunks=p.cfg.history_chunks)
+        ground_chunk(model, self.cache, k, self.text, latent, action, p.cfg.history_chunks)
         self.real_latents.append(latent[0].cpu())
         self.executed.append(np.asarray(executed, np.float32))
         self.imagined_at = None
         self.chunk = k + 1
-        if p.cfg.history_chunks:
-            self.cache.evict_before(2 * self.chunk - 2 * p.cfg.history_chunks + 1)
 
     @property
     def K(self) -> int:
         return self.policy.K
 
-    @torch.no_grad()
     def _predict(self, chunk: int) -> tuple[np.ndarray, torch.Tensor]:
         """Imagine the video of `chunk` (written into the cache) and decode its actions (K, A_model)."""
-        p, model, cfg = self.policy, self.policy.model, self.policy.cfg
-        g = self._generator(chunk)
-        latent_shape = self.real_latents[-1].shape  # (cams, z, h, w)
-        x = torch.randn((1, *latent_shape), generator=g).to(p.device)
-        a = torch.randn((1, self.K, model.cfg.action_channels), generator=g).to(p.device)
-        window = cfg.history_chunks
-        tv = flow_times(cfg.video_steps, cfg.shift).to(p.device)
-        for i in range(cfg.video_exec_step):
-            v, _ = model.step(self.cache, chunk, self.text, video=x, t_video=tv[i : i + 1], window_chunks=window)
-            x = x + (tv[i + 1] - tv[i]) * v
+        p = self.policy
+        x, a = chunk_noise(self._generator(chunk), self.real_latents[-1].shape, self.K,
+                           p.model.cfg.action_channels, p.device)
         self.imagined_at = len(self.cache)
-        model.step(self.cache, chunk, self.text, video=x, t_video=tv[cfg.video_exec_step : cfg.video_exec_step + 1],
-                   clean=True, window_chunks=window)
-        ta = flow_times(cfg.action_steps, cfg.shift).to(p.device)
-        for i in range(cfg.action_steps):
-            _, v = model.step(self.cache, chunk, self.text, action=a, t_action=ta[i : i + 1], window_chunks=window)
-            a = a + (ta[i + 1] - ta[i]) * v
+        actions, x = denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg)
         self.imagined_latents.append(x[0].cpu())
-        return a[0].clamp(-1, 1).cpu().numpy(), x
+        return actions, x
 
     def _ground_and_predict(self, latent: torch.Tensor) -> np.ndarray:
         start = time.perf_counter()
@@ -322,28 +344,30 @@ class Session:
             self.pending = None
 
 
-@torch.no_grad()
 def recompute_chunk(session: Session, chunk: int) -> tuple[np.ndarray, torch.Tensor]:
-    """Reference without a cache: chunk `chunk` of `session`, every Euler step a teacher-forced forward.
+    """`recompute_sequence` for chunk `chunk` of a session: its grounded history and seeded noise."""
+    p = session.policy
+    real = torch.stack(session.real_latents[:chunk])[None].to(p.device)  # (1, chunk, cams, z, h, w)
+    executed = torch.from_numpy(np.stack(session.executed[:chunk]))[None].to(p.device)  # (1, chunk, K, A)
+    x, a = chunk_noise(session._generator(chunk), real.shape[2:], p.K, p.model.cfg.action_channels, p.device)
+    return recompute_sequence(p.model, real, executed, p.task_embedding(session.task), x, a, p.cfg)
 
-    Uses the session's grounded history (real latents and executed actions of chunks < chunk) and the
-    same seeded noise, so it returns what the cached session computed for that chunk: the (K, A_model)
-    actions and the imagined latent (1, cams, z, h, w). Costs a full-sequence pass per step.
+
+@torch.no_grad()
+def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Tensor, text: torch.Tensor,
+                       x: torch.Tensor, a: torch.Tensor, cfg: PolicyConfig) -> tuple[np.ndarray, torch.Tensor]:
+    """Reference without a cache: `denoise_chunk` where every Euler step is a teacher-forced forward.
+
+    real (1, k, cams, z, h, w) and executed (1, k, K, A): the grounded history of chunks < k; the chunk
+    denoised is k, from noise x, a; text: the raw task embedding. Costs a full-sequence pass per step.
     """
     import copy
     import dataclasses
 
-    p, cfg = session.policy, session.policy.cfg
-    model = copy.copy(p.model)  # same modules, the policy's ring window as the attention window
-    model.cfg = dataclasses.replace(p.model.cfg, window_chunks=cfg.history_chunks)
-    n = chunk + 1
-    real = torch.stack(session.real_latents[:chunk])[None].to(p.device)  # (1, chunk, cams, z, h, w)
-    executed = torch.from_numpy(np.stack(session.executed[:chunk]))[None].to(p.device)  # (1, chunk, K, A)
-    g = session._generator(chunk)
-    x = torch.randn((1, *real.shape[2:]), generator=g).to(p.device)
-    a = torch.randn((1, p.K, p.model.cfg.action_channels), generator=g).to(p.device)
-    text = p.task_embedding(session.task)
-    zeros_t = torch.zeros(1, n, device=p.device)
+    model = copy.copy(model)  # same modules, the policy's ring window as the attention window
+    model.cfg = dataclasses.replace(model.cfg, window_chunks=cfg.history_chunks)
+    n = real.shape[1] + 1
+    zeros_t = torch.zeros(1, n, device=x.device)
 
     def run(video_k, t_video_k, clean_k, t_history_k, action_k, t_action_k):
         clean_video = torch.cat([real, clean_k[:, None]], 1)
@@ -355,13 +379,13 @@ def recompute_chunk(session: Session, chunk: int) -> tuple[np.ndarray, torch.Ten
         v, va = model(noisy_video, clean_video, noisy_action, clean_action, t_video, t_action, t_history, text)
         return v[:, -1], va[:, -1]
 
-    tv = flow_times(cfg.video_steps, cfg.shift).to(p.device)
+    tv = flow_times(cfg.video_steps, cfg.shift).to(x.device)
     for i in range(cfg.video_exec_step):
         v, _ = run(x, tv[i], torch.zeros_like(x), 0.0, a, 0.0)
         x = x + (tv[i + 1] - tv[i]) * v
     level = tv[cfg.video_exec_step]
-    ta = flow_times(cfg.action_steps, cfg.shift).to(p.device)
+    ta = flow_times(cfg.action_steps, cfg.shift).to(x.device)
     for i in range(cfg.action_steps):
         _, v = run(torch.zeros_like(x), 0.0, x, level, a, ta[i])
         a = a + (ta[i + 1] - ta[i]) * v
-    return a.clamp(-1, 1).cpu().numpy(), x
+    return a[0].clamp(-1, 1).cpu().numpy(), x
