@@ -143,6 +143,91 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import logging
+
+    from lingbot.policy.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="lingbot serve: %(message)s")
+
+    def ready(host: str, port: int) -> None:
+        _print_json({"listening": f"ws://{host}:{port}", "policy": str(args.policy)})
+        sys.stdout.flush()
+
+    policy = Path(args.policy)
+    if not policy.exists() and "/" in args.policy and not args.policy.startswith((".", "/")):
+        # A release `org/name@tag`: pulled (sha256-verified) into a local directory first.
+        from lingbot.hub.pull import pull
+
+        policy = Path(args.release_dir or Path.home() / ".cache" / "lingbot" / "releases" / args.policy.replace("@", "/"))
+        pull(args.policy, policy, local_hub=args.local_hub and Path(args.local_hub))
+    report = serve(policy, args.host, args.port, device=args.device,
+                   max_message_bytes=args.max_message_bytes, on_ready=ready)
+    _print_json(report)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from lingbot.sim.evaluate import evaluate, write_plots
+
+    run = _run_config(args)
+    cfg = run.evaluate
+    changes = {name: getattr(args, name) for name in ("episodes", "workers", "videos") if getattr(args, name) is not None}
+    if args.task:
+        changes["tasks"] = tuple(args.task)
+    cfg = dataclasses.replace(cfg, **changes)
+    policy = Path(args.policy)
+    if args.checkpoint:  # assemble the bundle from the training run first (stage evaluate does)
+        from lingbot.policy.bundle import write_bundle
+
+        if not (args.vae and args.cache):
+            from lingbot.errors import LingbotError
+
+            raise LingbotError("evaluate --checkpoint needs --vae and --cache to assemble the bundle")
+        write_bundle(policy, Path(args.checkpoint), Path(args.vae), Path(args.cache), run.policy)
+    summary = evaluate(policy, cfg, Path(args.out), progress=not args.quiet)
+    if args.tasks_tsv and args.latency_tsv:
+        write_plots(summary, Path(args.out), cfg.tasks, Path(args.tasks_tsv), Path(args.latency_tsv))
+    _write_metrics(args, summary)
+    for task in cfg.tasks:
+        print(f"{task}: success {summary[f'{task}/success_rate']:.0%} "
+              f"[{summary[f'{task}/success_ci_low']:.2f}, {summary[f'{task}/success_ci_high']:.2f}] "
+              f"over {summary[f'{task}/episodes']} episodes")
+    _print_json(summary)
+    return 0
+
+
+def _no_hub_progress_bars():
+    from huggingface_hub.utils import disable_progress_bars
+
+    return disable_progress_bars()  # a context manager: bars come back on exit
+
+
+def cmd_publish(args) -> int:
+    from contextlib import nullcontext
+
+    from lingbot.hub.publish import publish
+
+    cfg = _run_config(args).publish
+    changes = {name: getattr(args, name) for name in ("repo_id", "target", "local_dir", "min_success")
+               if getattr(args, name) is not None}
+    cfg = dataclasses.replace(cfg, **changes)
+    with _no_hub_progress_bars() if args.quiet else nullcontext():
+        report = publish(Path(args.bundle), Path(args.eval), cfg, params=args.params and Path(args.params),
+                         lock=args.lock and Path(args.lock), demos=args.demos and Path(args.demos))
+    _write_metrics(args, {k: report[k] for k in ("version", "files", "bytes")})
+    _print_json(report)
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from lingbot.hub.pull import pull
+
+    report = pull(args.spec, Path(args.dir), local_hub=args.local_hub and Path(args.local_hub))
+    _print_json(report)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from lingbot import bench
 
@@ -222,9 +307,55 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("serve", help="websocket policy server (openpi protocol) for robots and clients")
+    p.add_argument("--policy", required=True, help="policy bundle directory, or a release org/name@tag (pulled)")
+    p.add_argument("--local-hub", dest="local_hub", help="pull the release from this local hub root")
+    p.add_argument("--release-dir", dest="release_dir", help="where a pulled release goes (default ~/.cache/lingbot)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
+    p.add_argument("--device", default="cpu", help="torch device of the policy (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--max-message-bytes", type=int, dest="max_message_bytes", default=16 * 2**20,
+                   help="larger client messages get an error reply (default 16 MiB)")
+    p.set_defaults(func=cmd_serve)
+
+    p = with_config(sub.add_parser("evaluate", help="roll a policy bundle out in simulation: success, latency"))
+    p.add_argument("--policy", required=True, help="policy bundle directory (written first with --checkpoint)")
+    p.add_argument("--checkpoint", help="training checkpoint to assemble the bundle from (with --vae, --cache)")
+    p.add_argument("--vae", help="VAE directory the checkpoint was trained with")
+    p.add_argument("--cache", help="latent cache the checkpoint was trained on (stats, task embeddings)")
+    p.add_argument("--task", action="append", help="MetaWorld task id (repeatable; default: params)")
+    p.add_argument("--episodes", type=int, help="episodes per task")
+    p.add_argument("--workers", type=int, help="rollout processes")
+    p.add_argument("--videos", type=int, help="rollout videos to write")
+    p.add_argument("--out", required=True, help="results directory (episodes.json, videos/)")
+    p.add_argument("--tasks-tsv", dest="tasks_tsv", help="per-task success plot (TSV)")
+    p.add_argument("--latency-tsv", dest="latency_tsv", help="latency per chunk plot (TSV)")
+    p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = with_config(sub.add_parser("publish", help="gate on the evaluation, release the policy bundle as tag vN"))
+    p.add_argument("bundle", help="policy bundle directory (models/policy)")
+    p.add_argument("--eval", required=True, help="evaluation metrics JSON (reports/eval.json)")
+    p.add_argument("--lock", help="dvc.lock: the upstream stages' hashes for the model card")
+    p.add_argument("--demos", help="data/demos/lingbot.json: the dataset id, revision and fingerprint")
+    p.add_argument("--repo-id", dest="repo_id", help="override publish.repo_id (org/name)")
+    p.add_argument("--target", choices=["local", "hub"], help="override publish.target")
+    p.add_argument("--local-dir", dest="local_dir", help="override publish.local_dir (the local hub root)")
+    p.add_argument("--min-success", dest="min_success", type=float, help="override publish.min_success")
+    p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
+    p.add_argument("--quiet", action="store_true", help="no upload progress bars")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("pull", help="fetch a release (REPO@TAG), verify every file, write DIR")
+    p.add_argument("spec", help="org/name@vN (no @TAG: the newest release)")
+    p.add_argument("--dir", required=True, help="directory to write (replaced atomically once verified)")
+    p.add_argument("--local-hub", dest="local_hub", help="pull from this local hub root instead of the Hub")
+    p.set_defaults(func=cmd_pull)
+
     p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
-    p.add_argument("what", choices=["data", "latents", "train"])
-    p.add_argument("--preset", default="small", help="bench train: model preset")
+    p.add_argument("what", choices=["data", "latents", "train", "realtime"])
+    p.add_argument("--preset", default="small", help="bench train/realtime: model preset")
     p.add_argument("--steps", type=int, default=10, help="bench train: timed steps")
     p.add_argument("--episodes", type=int, default=4, help="episodes per task")
     p.add_argument("--workers", type=int, default=2)

@@ -159,7 +159,10 @@ class PolicyConfig:
     video_steps: int = 10  # Euler steps of the video flow (the full schedule)
     video_exec_step: int = 5  # stop the video after this many steps and decode actions from it
     action_steps: int = 10  # Euler steps of the action flow
-    shift: float = 3.0  # sampling schedule shift (as in training)
+    # Sampling schedule shift. 1 (uniform): stopped half way the imagined video is at noise level 0.5, the
+    # top of the noisy-history range the model was trained with; a training-like shift of 3 would leave
+    # it at 0.75, noisier than any history it has seen.
+    shift: float = 1.0
     history_chunks: int = 6  # KV-cache ring window in chunks (0: the whole episode)
     asynchronous: bool = False  # compute chunk k+1 while chunk k executes
     seed: int = 0

@@ -18,8 +18,11 @@ TINY_PARAMS = {
     "model": {"depth": 2},
     "pretrain": {"steps": 2, "batch_size": 2},
     "finetune": {"steps": 2, "batch_size": 2, "tasks": ["open the drawer"], "max_episodes_per_task": 1},
+    "policy": {"video_steps": 2, "video_exec_step": 1, "action_steps": 2},
+    "evaluate": {"tasks": ["drawer-open-v3"], "episodes": 2, "max_steps": 8, "videos": 1},
+    "publish": {"repo_id": "lingbot/tiny", "target": "local", "local_dir": "hub", "min_success": 0.0},
 }
-STAGES = ("collect", "ingest", "validate", "fit_vae", "cache_latents", "pretrain", "finetune")
+STAGES = ("collect", "ingest", "validate", "fit_vae", "cache_latents", "pretrain", "finetune", "evaluate", "publish")
 
 
 def _dvc(workdir, *args, check=True):
@@ -53,6 +56,9 @@ def test_repro_runs_caches_and_reruns_only_downstream(project):
     assert (project / "data" / "latents" / "manifest.json").is_file()
     assert yaml.safe_load((project / "reports" / "vae.json").read_text())["steps"] == 2
     assert yaml.safe_load((project / "reports" / "validate.json").read_text())["success"] is True
+    evaluation = yaml.safe_load((project / "reports" / "eval.json").read_text())
+    assert evaluation["episodes"] == 2 and 0 <= evaluation["success_rate"] <= 1
+    assert (project / "hub" / "lingbot" / "tiny" / "refs" / "tags" / "v1").is_file()
 
     again = _dvc(project, "repro")
     assert "Running stage" not in again.stdout
@@ -63,6 +69,7 @@ def test_repro_runs_caches_and_reruns_only_downstream(project):
     assert "Running stage 'collect'" not in changed.stdout
     for stage in STAGES[1:]:  # the split changed: everything downstream of ingest reruns
         assert f"Running stage '{stage}'" in changed.stdout
+    assert (project / "hub" / "lingbot" / "tiny" / "refs" / "tags" / "v2").is_file()  # a new release
 
 
 def test_failed_validation_stops_the_chain(project):

@@ -315,8 +315,14 @@ class Session:
         else:
             actions, imagined = self.pending.result()
             job = (latent, self.executing, actions, imagined)
-        self.pending = self._executor.submit(self._speculate, *job)
+        # The background thread keeps the caller's grad/inference mode: a cache made under
+        # torch.inference_mode (as LeRobot's loops run) can only be updated under it.
+        self.pending = self._executor.submit(self._in_mode, torch.is_inference_mode_enabled(), *job)
         return actions
+
+    def _in_mode(self, inference: bool, *job):
+        with torch.inference_mode(inference):
+            return self._speculate(*job)
 
     @torch.no_grad()
     def _speculate(self, latent, executed, actions: np.ndarray, imagined: torch.Tensor):

@@ -1,0 +1,191 @@
+"""The LeRobot plugin: the tiny lingbot bundle run by LeRobot's own tools (lerobot-eval, its factories).
+
+LeRobot imports a plugin named on the command line (`--policy.discover_packages_path=...`); the
+`lerobot_policy_lingbot` package registers policy type "lingbot" and LeRobot finds its policy and
+processors by naming convention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+# The tiny bundle's cameras, both fed from LeRobot's single MetaWorld camera.
+CAMERA_MAP = {"observation.images.corner3": "observation.image", "observation.images.gripperPOV": "observation.image"}
+
+
+def test_lerobot_eval_drives_the_lingbot_policy_for_one_episode(tiny_bundle, tmp_path, monkeypatch):
+    import lerobot.envs.metaworld
+    from lerobot.scripts import lerobot_eval
+
+    # LeRobot's MetaWorld env hard-codes 500 steps (--env.episode_length is not passed to it): cut the
+    # episode to 9 steps, i.e. chunks of 4 actions computed at steps 0, 4 and 8.
+    steps, chunk = 9, 4
+    make_env = lerobot.envs.metaworld.MetaworldEnv.__init__
+
+    def short_env(self, *args, **kwargs):
+        make_env(self, *args, **kwargs)
+        self._max_episode_steps = steps
+
+    monkeypatch.setattr(lerobot.envs.metaworld.MetaworldEnv, "__init__", short_env)
+    made = []
+    make_policy = lerobot_eval.make_policy
+    monkeypatch.setattr(lerobot_eval, "make_policy", lambda *a, **k: made.append(make_policy(*a, **k)) or made[-1])
+    out = tmp_path / "eval"
+    monkeypatch.setattr(sys, "argv", [
+        "lerobot-eval",
+        "--policy.discover_packages_path=lerobot_policy_lingbot",
+        "--policy.type=lingbot",
+        f"--policy.bundle={tiny_bundle}",
+        f"--policy.camera_map={json.dumps(CAMERA_MAP)}",
+        "--policy.device=cpu",
+        "--env.type=metaworld",
+        "--env.task=drawer-open-v3",
+        "--eval.n_episodes=1",
+        "--eval.batch_size=1",
+        "--eval.use_async_envs=false",
+        f"--output_dir={out}",
+    ])
+    lerobot_eval.main()
+
+    info = json.loads((out / "eval_info.json").read_text())
+    assert info["overall"]["n_episodes"] == 1
+    assert info["per_task"][0]["task_group"] == "drawer-open-v3"
+    assert len(info["per_task"][0]["metrics"]["successes"]) == 1
+    [policy] = made
+    assert type(policy).__name__ == "LingbotPolicy" and policy.config.chunk_size == chunk
+    # The actions came from one lingbot session: a chunk per 4 steps, the env's instruction as task.
+    [session] = policy.sessions
+    assert session.chunk == len(session.latency_ms) == -(-steps // chunk)
+    assert session.task == "Open a drawer"
+
+
+def _lerobot_batch(frames: np.ndarray, tasks: list[str]) -> dict:
+    """What LeRobot's env loop hands the preprocessor for one camera: uint8 (B, H, W, 3) frames."""
+    from lerobot.envs.utils import preprocess_observation
+
+    obs = preprocess_observation({"pixels": frames, "agent_pos": np.zeros((len(frames), 4))})
+    obs["task"] = tasks
+    return obs
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_factory_policy_acts_like_lingbot_sessions_one_per_env(tiny_bundle, asynchronous):
+    """make_policy + processors on a batch of 2 envs give exactly the actions of 2 lingbot sessions.
+
+    Called under torch.inference_mode, as LeRobot's loops do (the asynchronous session's worker thread
+    then writes a cache the caller made: it must not be an inference tensor).
+    """
+    from lerobot.envs.configs import MetaworldEnv
+    from lerobot.policies.factory import make_policy, make_policy_config, make_pre_post_processors
+
+    import lerobot_policy_lingbot  # noqa: F401  registers "lingbot"
+    from lingbot.policy.runtime import load_policy
+
+    cfg = make_policy_config("lingbot", bundle=str(tiny_bundle), camera_map=CAMERA_MAP, device="cpu",
+                             asynchronous=asynchronous)
+    policy = make_policy(cfg, env_cfg=MetaworldEnv(task="drawer-open-v3"))
+    pre, post = make_pre_post_processors(cfg)
+    reference = load_policy(tiny_bundle, asynchronous=asynchronous)
+    K, (h, w) = reference.K, reference.meta["image_size"]
+    tasks = ["open the drawer", "close the drawer"]
+    sessions = [reference.new_session(task, seed=reference.cfg.seed + i) for i, task in enumerate(tasks)]
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (K + 1, 2, h, w, 3), dtype=np.uint8)  # (step, env, H, W, 3)
+    # The env renders 2x taller and 3x wider: the policy must shrink it back to exactly these frames.
+    rendered = frames.repeat(2, axis=2).repeat(3, axis=3)
+    actions, expected = [], []
+    for step in range(K + 1):
+        with torch.inference_mode():
+            actions.append(post(policy.select_action(pre(_lerobot_batch(rendered[step], tasks)))))
+        expected.append([s.select_action({cam: frames[step, i] for cam in reference.cameras})
+                         for i, s in enumerate(sessions)])
+    actions = torch.stack(actions).numpy()  # (step, env, action_dim)
+    assert actions.shape == (K + 1, 2, reference.meta["action_dim"])
+    np.testing.assert_array_equal(actions, np.asarray(expected, np.float32))
+    assert not np.allclose(actions[:, 0], actions[:, 1])  # each env has its own task, frames and seed
+    assert [len(s.latency_ms) for s in policy.sessions] == [2, 2]  # chunks inferred
+
+    # reset() starts the episode over: the first chunk again, now asked for whole.
+    policy.reset()
+    with torch.inference_mode():
+        chunk = policy.predict_action_chunk(pre(_lerobot_batch(rendered[0], tasks)))
+    assert chunk.shape == (2, K, reference.meta["action_dim"])
+    np.testing.assert_array_equal(chunk.numpy(), np.asarray(expected[:K], np.float32).transpose(1, 0, 2))
+    assert [len(s.latency_ms) for s in policy.sessions] == [1, 1]
+    for session in (*policy.sessions, *sessions):
+        session.close()
+
+
+def test_a_bundle_directory_loads_like_any_lerobot_checkpoint(tiny_bundle, tmp_path):
+    """`--policy.path=DIR`: LeRobot's config.json and processors saved next to the bundle's files."""
+    import shutil
+
+    from lerobot.configs import PreTrainedConfig
+    from lerobot.policies.factory import make_policy, make_policy_config, make_pre_post_processors
+
+    import lerobot_policy_lingbot  # noqa: F401
+    from lerobot_policy_lingbot.configuration_lingbot import POLICY_OPTIONS
+    from lingbot.config import PolicyConfig
+
+    assert set(POLICY_OPTIONS) <= {f.name for f in dataclasses.fields(PolicyConfig)}
+    release = tmp_path / "release"
+    shutil.copytree(tiny_bundle, release)
+    cfg = make_policy_config("lingbot", bundle=str(release), camera_map=CAMERA_MAP, device="cpu", video_steps=3)
+    from lerobot.envs.configs import MetaworldEnv
+
+    env = MetaworldEnv(task="drawer-open-v3")
+    policy = make_policy(cfg, env_cfg=env)
+    policy.config.bundle = ""  # the directory it is saved into is the bundle
+    policy.save_pretrained(release)
+    for pipeline in make_pre_post_processors(policy.config):
+        pipeline.save_pretrained(release)
+
+    loaded_cfg = PreTrainedConfig.from_pretrained(release)
+    loaded_cfg.pretrained_path = release
+    loaded = make_policy(loaded_cfg, env_cfg=env)
+    pre, post = make_pre_post_processors(loaded_cfg, pretrained_path=str(release),
+                                         preprocessor_overrides={"device_processor": {"device": "cpu"}})
+    assert loaded.config.bundle == str(release) and loaded.runtime.cfg.video_steps == 3
+    assert loaded.config.camera_map == CAMERA_MAP
+    frame = np.random.default_rng(1).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    action = post(loaded.select_action(pre(_lerobot_batch(frame, [""]))))
+    assert action.shape == (1, 4) and torch.isfinite(action).all()
+    assert loaded.sessions[0].task == loaded.runtime.tasks[0]  # no instruction: the bundle's first task
+
+
+def test_features_from_the_training_dataset_need_no_camera_map(tiny_bundle, ingested):
+    """lerobot-record's path: features from a dataset with the bundle's own camera keys."""
+    from lerobot.datasets import LeRobotDatasetMetadata
+    from lerobot.policies.factory import make_policy, make_policy_config
+
+    import lerobot_policy_lingbot  # noqa: F401
+
+    meta = LeRobotDatasetMetadata("local/tiny", root=ingested / "dataset")
+    policy = make_policy(make_policy_config("lingbot", bundle=str(tiny_bundle), device="cpu"), ds_meta=meta)
+    assert set(policy.runtime.cameras) <= set(policy.config.image_features)
+    assert policy.config.action_feature.shape == (policy.runtime.layout.action_dim,)
+
+
+def test_unmapped_camera_and_wrong_chunk_size_are_clear_errors(tiny_bundle):
+    from lerobot.envs.configs import MetaworldEnv
+    from lerobot.policies.factory import make_policy, make_policy_config
+
+    import lerobot_policy_lingbot  # noqa: F401
+    from lingbot.errors import LingbotError
+
+    env = MetaworldEnv(task="drawer-open-v3")
+    with pytest.raises(LingbotError, match=r"observation.images.corner3.*camera_map"):
+        make_policy(make_policy_config("lingbot", bundle=str(tiny_bundle), device="cpu"), env_cfg=env)
+    with pytest.raises(LingbotError, match="corner 3, not a camera of the bundle"):
+        make_policy(make_policy_config("lingbot", bundle=str(tiny_bundle), device="cpu",
+                                       camera_map={**CAMERA_MAP, "corner 3": "observation.image"}), env_cfg=env)
+    with pytest.raises(LingbotError, match="chunks of 4"):
+        make_policy(make_policy_config("lingbot", bundle=str(tiny_bundle), camera_map=CAMERA_MAP, device="cpu",
+                                       chunk_size=8), env_cfg=env)
