@@ -36,6 +36,19 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_json(path: Path, missing: str) -> Any:
+    """Parsed JSON of `path`; a missing file or bad JSON is one LingbotError naming the file."""
+    from lingbot.errors import LingbotError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LingbotError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LingbotError(f"{path}: not valid JSON ({exc})") from None
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
     with atomic_file(Path(path)) as tmp:

@@ -12,7 +12,6 @@ a library deeper down can fail with a traceback.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lingbot.errors import LingbotError
+from lingbot.fsutil import read_json
 
 SUPPORTED_VERSION = "v3.0"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -109,12 +109,7 @@ def open_layout(root: Path) -> DatasetLayout:
     """Check a local LeRobot v3 dataset's metadata and file list; read its episode and task tables."""
     root = Path(root)
     info_path = root / "meta" / "info.json"
-    if not info_path.is_file():
-        raise LingbotError(f"{info_path}: missing; {root} is not a LeRobot dataset")
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LingbotError(f"{info_path}: not valid JSON ({exc})") from None
+    info = read_json(info_path, f"missing; {root} is not a LeRobot dataset")
     version = info.get("codebase_version")
     if version != SUPPORTED_VERSION:
         hint = " (convert it with lerobot's convert_dataset_v21_to_v30)" if str(version).startswith("v2") else ""

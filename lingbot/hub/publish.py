@@ -41,13 +41,9 @@ TARGETS = ("local", "hub")
 
 
 def read_metrics(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise LingbotError(f"{path}: evaluation metrics not found; run stage evaluate first")
-    try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LingbotError(f"{path}: not valid JSON ({exc})") from None
+    from lingbot.fsutil import read_json
+
+    metrics = read_json(Path(path), "evaluation metrics not found; run stage evaluate first")
     if not isinstance(metrics, dict) or not isinstance(metrics.get("success_rate"), (int, float)):
         raise LingbotError(f"{path}: no numeric success_rate; not an evaluation report")
     return metrics
