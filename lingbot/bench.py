@@ -224,7 +224,7 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
 
     from lingbot.config import preset
     from lingbot.model.world_model import KVCache, WorldModel
-    from lingbot.policy.runtime import chunk_noise, denoise_chunk, ground_chunk, recompute_sequence
+    from lingbot.policy.runtime import chunk_noise, denoise_chunk, recompute_sequence, write_history
 
     run_cfg = preset(preset_name)
     cfg = dataclasses.replace(run_cfg.policy, history_chunks=0)  # the whole history: what is measured
@@ -265,7 +265,7 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
         for hist in histories:
             cache = KVCache(run_cfg.model.depth)
             for k in range(hist):
-                ground_chunk(model, cache, k, ctx, real[:, k], executed[:, k], 0)
+                write_history(model, cache, k, ctx, real[:, k], executed[:, k], 0)
             caches[hist] = cache
             x, a = chunk_noise(torch.Generator().manual_seed(hist), real.shape[2:], K, A, device)
 

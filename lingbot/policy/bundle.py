@@ -33,6 +33,8 @@ def write_bundle(out: Path, checkpoint: Path, vae_dir: Path, cache: Path, policy
     """Assemble a bundle from a training checkpoint, the VAE and the latent cache it was trained on."""
     from safetensors.torch import load_file, save_file
 
+    from lingbot.vae.wan import spatial_ratio
+
     checkpoint, vae_dir, cache = Path(checkpoint), Path(vae_dir), Path(cache)
     for path in (checkpoint / "config.json", checkpoint / "ema.safetensors", vae_dir / "config.json",
                  cache / "manifest.json", cache / "tasks.safetensors"):
@@ -47,8 +49,7 @@ def write_bundle(out: Path, checkpoint: Path, vae_dir: Path, cache: Path, policy
     first = next(iter(manifest["episodes"]))
     with safe_open(str(cache / manifest["shards"][manifest["episodes"][first]["shard"]]), framework="pt") as f:
         latent_hw = f.get_slice(f"{first}/video").get_shape()[-2:]
-    vae_cfg = json.loads((vae_dir / "config.json").read_text())
-    ratio = 2 ** (len(vae_cfg["dim_mult"]) - 1) * (vae_cfg.get("patch_size") or 1)
+    ratio = spatial_ratio(json.loads((vae_dir / "config.json").read_text()))
     meta = {
         "format": FORMAT,
         "image_size": [int(latent_hw[0]) * ratio, int(latent_hw[1]) * ratio],

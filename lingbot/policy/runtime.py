@@ -55,14 +55,16 @@ def chunk_noise(generator: torch.Generator, latent_shape, K: int, action_channel
 
 
 @torch.no_grad()
-def ground_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Tensor, latent: torch.Tensor,
-                 actions: torch.Tensor, history_chunks: int) -> None:
-    """Step 1: the real latent (1, cams, z, h, w) and executed actions (1, K, A) of `chunk` become history."""
-    zero = torch.zeros(1, device=latent.device)
-    model.step(cache, chunk, text, video=latent, t_video=zero, action=actions, t_action=zero, clean=True,
-               window_chunks=history_chunks)
-    if history_chunks:  # entries no later query may attend to (see attention_mask's window)
-        cache.evict_before(2 * (chunk + 1) - 2 * history_chunks + 1)
+def write_history(model: WorldModel, cache: KVCache, chunk: int, text: torch.Tensor, latent: torch.Tensor,
+                  actions: torch.Tensor, history_chunks: int, level: float = 0.0) -> None:
+    """The latent (1, cams, z, h, w) and actions (1, K, A) of `chunk` become history in the cache.
+
+    level 0: real frames and executed actions (step 1); above 0: an imagined latent at that noise level
+    with the actions being executed (async mode's provisional history).
+    """
+    t_video = torch.full((1,), float(level), device=latent.device)
+    model.step(cache, chunk, text, video=latent, t_video=t_video, action=actions,
+               t_action=torch.zeros(1, device=latent.device), clean=True, window_chunks=history_chunks)
 
 
 @torch.no_grad()
@@ -197,10 +199,9 @@ class Session:
         self.imagined_at = None  # cache length before the newest imagined entries
         self.executing = None  # model-space actions of the chunk being executed (K, A)
         self.latency_ms: list[float] = []  # per chunk: time the caller waited
-        self.compute_ms: list[float] = []  # per chunk: time spent computing it
         self.real_latents: list[torch.Tensor] = []  # (cams, z, h, w) per grounded chunk
         self.executed: list[np.ndarray] = []  # (K, A_model) per grounded chunk
-        self.imagined_latents: list[torch.Tensor] = []
+        self.imagined_latents: list[torch.Tensor] = []  # (cams, z, h, w) per chunk handed to the robot
 
     def observe(self, observation: dict) -> None:
         """Stream one real frame taken between chunk boundaries."""
@@ -212,7 +213,8 @@ class Session:
         self.frames.append(self._images(observation))
         latent = self._encode_chunk_frames()
         if self._executor is None:
-            actions = self._ground_and_predict(latent)
+            actions, imagined = self._ground_and_predict(latent)
+            self.imagined_latents.append(imagined[0].cpu())
         else:
             actions = self._async_step(latent)
         self.latency_ms.append((time.perf_counter() - start) * 1000)
@@ -278,7 +280,9 @@ class Session:
         if executed is None:  # chunk 0: no actions led to the first frame (padding, as in the cache)
             executed = p.layout.to_model(np.zeros((self.K, p.layout.action_dim), np.float32))
         action = torch.from_numpy(np.ascontiguousarray(executed))[None].to(p.device)
-        ground_chunk(model, self.cache, k, self.text, latent, action, p.cfg.history_chunks)
+        write_history(model, self.cache, k, self.text, latent, action, p.cfg.history_chunks)
+        if p.cfg.history_chunks:  # entries no later query may attend to (see attention_mask's window)
+            self.cache.evict_before(2 * (k + 1) - 2 * p.cfg.history_chunks + 1)
         self.real_latents.append(latent[0].cpu())
         self.executed.append(np.asarray(executed, np.float32))
         self.imagined_at = None
@@ -294,24 +298,19 @@ class Session:
         x, a = chunk_noise(self._generator(chunk), self.real_latents[-1].shape, self.K,
                            p.model.cfg.action_channels, p.device)
         self.imagined_at = len(self.cache)
-        actions, x = denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg)
-        self.imagined_latents.append(x[0].cpu())
-        return actions, x
+        return denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg)
 
-    def _ground_and_predict(self, latent: torch.Tensor) -> np.ndarray:
-        start = time.perf_counter()
+    def _ground_and_predict(self, latent: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         self._ground(latent, self.executing)
-        actions, _ = self._predict(self.chunk)
-        self.compute_ms.append((time.perf_counter() - start) * 1000)
-        return actions
+        return self._predict(self.chunk)
 
     # -- asynchronous pipelining ------------------------------------------------------------------
 
     def _async_step(self, latent: torch.Tensor) -> np.ndarray:
         if self.pending is None:  # first boundary: nothing precomputed yet, compute chunk 1 now
-            actions = self._ground_and_predict(latent)
+            actions, imagined = self._ground_and_predict(latent)
             self.cache.truncate(self.imagined_at)  # rewritten with its actions by _speculate
-            job = (None, None, actions, self.imagined_latents.pop()[None].to(self.policy.device))
+            job = (None, None, actions, imagined)
         else:
             actions, imagined = self.pending.result()
             job = (latent, self.executing, actions, imagined)
@@ -327,21 +326,18 @@ class Session:
     @torch.no_grad()
     def _speculate(self, latent, executed, actions: np.ndarray, imagined: torch.Tensor):
         """Background: ground the chunk whose frames arrived, keep the one executing, imagine the next."""
-        start = time.perf_counter()
         p = self.policy
         if latent is not None:
             self._ground(latent, executed)
-        # The chunk being executed: its imagined video and its actions become provisional history.
+        # The chunk being executed: its imagined video and its actions become provisional history
+        # (not evicted against: grounding this chunk later still attends to the window before it).
         k, provisional = self.chunk, len(self.cache)
         action = torch.from_numpy(np.ascontiguousarray(actions))[None].to(p.device)
-        level = flow_times(p.cfg.video_steps, p.cfg.shift)[p.cfg.video_exec_step : p.cfg.video_exec_step + 1]
-        p.model.step(self.cache, k, self.text, video=imagined, t_video=level.to(p.device), action=action,
-                     t_action=torch.zeros(1, device=p.device), clean=True, window_chunks=p.cfg.history_chunks)
+        level = flow_times(p.cfg.video_steps, p.cfg.shift)[p.cfg.video_exec_step]
+        write_history(p.model, self.cache, k, self.text, imagined, action, p.cfg.history_chunks, level)
         self.imagined_latents.append(imagined[0].cpu())
         next_actions, next_imagined = self._predict(k + 1)
-        self.imagined_latents.pop()  # kept when it is the chunk being executed (next call)
         self.imagined_at = provisional  # grounding chunk k drops its provisional entries and all after
-        self.compute_ms.append((time.perf_counter() - start) * 1000)
         return next_actions, next_imagined
 
     def _wait(self) -> None:

@@ -61,9 +61,9 @@ def load_vae(source: str | Path, subfolder: str = ""):
         raise LingbotError(f"{source}: cannot load the VAE ({str(exc).splitlines()[0]})") from None
 
 
-def spatial_ratio(vae) -> int:
-    ratio = 2 ** sum(1 for _ in vae.config.dim_mult[1:])
-    return ratio * (vae.config.patch_size or 1)
+def spatial_ratio(config) -> int:
+    """Pixels per latent cell along each side, from a VAE config (`vae.config` or its config.json)."""
+    return 2 ** (len(config["dim_mult"]) - 1) * (config.get("patch_size") or 1)
 
 
 def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
