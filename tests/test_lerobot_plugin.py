@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 
 import numpy as np
@@ -19,7 +20,18 @@ import torch
 CAMERA_MAP = {"observation.images.corner3": "observation.image", "observation.images.gripperPOV": "observation.image"}
 
 
-def test_lerobot_eval_drives_the_lingbot_policy_for_one_episode(tiny_bundle, tmp_path, monkeypatch):
+@pytest.fixture
+def lerobot_logging():
+    """lerobot-eval's init_logging reconfigures this process's logging (root level, httpx at WARNING):
+    give the levels back so later tests still see the debug logs they check (tests/test_hub.py)."""
+    loggers = [logging.getLogger(), logging.getLogger("httpx")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
+
+
+def test_lerobot_eval_drives_the_lingbot_policy_for_one_episode(tiny_bundle, tmp_path, monkeypatch, lerobot_logging):
     import lerobot.envs.metaworld
     from lerobot.scripts import lerobot_eval
 
