@@ -150,6 +150,9 @@ class TrainConfig:
     max_episodes_per_task: int = 0  # 0 = all (finetune: the few-demo budget)
     activation_checkpointing: bool = False
     compile: bool = False
+    # Under torchrun: "ddp" replicates the model on every process; "fsdp" shards parameters, gradients
+    # and optimizer state over them (FSDP2), for models whose training state outgrows one device (paper).
+    parallel: str = "ddp"
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,56 @@
-"""Training: it learns, resumes exactly, and 2 DDP processes equal 1 on the same global batch."""
+"""Training: it learns, resumes exactly, and 2 DDP or FSDP processes equal 1 on the same global batch."""
 
 import dataclasses
+import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lingbot.config import TrainConfig, preset
+from lingbot.errors import LingbotError
 from lingbot.train.loop import train
 
 CFG = TrainConfig(steps=6, batch_size=4, lr=3e-3, warmup=2, checkpoint_every=3, min_chunks=2, max_chunks=3)
 
 
-def _weights(run):
-    return load_file(str(run / "checkpoint" / "model.safetensors"))
+def _weights(run, which="model"):
+    return load_file(str(run / "checkpoint" / f"{which}.safetensors"))
+
+
+def _torchrun(cfg: TrainConfig, cache, out, *args):
+    """`lingbot pretrain` in 2 gloo processes under torchrun, on the tiny preset with `cfg`'s fields."""
+    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+    params = out.parent / f"{out.name}.params.yaml"
+    params.write_text(yaml.safe_dump({"preset": "tiny", "pretrain": changed}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "lingbot.cli", "pretrain", str(cache), "--params", str(params), "--out", str(out),
+                          "--quiet", *args], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def _assert_same_training(a_run, b_run, cache, which="model"):
+    """Equal up to the summation order of gloo's reductions, which Adam's normalisation amplifies a
+    little: the gap must be tiny next to how far the weights moved from their initialisation."""
+    from lingbot.data.latents import LatentWindows
+    from lingbot.model.world_model import WorldModel
+
+    manifest = LatentWindows(cache).manifest
+    torch.manual_seed(CFG.seed)
+    init = WorldModel(dataclasses.replace(preset("tiny").model, latent_channels=manifest["z_dim"]),
+                      cameras=len(manifest["cameras"]), actions_per_chunk=4).state_dict()
+    a, b = _weights(a_run, which), _weights(b_run, which)
+    assert a.keys() == b.keys()
+    moved = max((a[k] - init[k]).abs().max().item() for k in a)
+    gap = max((a[k] - b[k]).abs().max().item() for k in a)
+    # The EMA (decay 0.995) moves about a hundredth of what the weights move in a few steps.
+    assert moved > (1e-3 if which == "model" else 1e-5) and gap <= 5e-5 and gap < moved / 100, (gap, moved)
 
 
 def test_exact_resume(latent_cache, tmp_path):
@@ -53,30 +88,64 @@ def test_finetune_starts_from_pretrain_and_learns(latent_cache, tmp_path):
     assert report["episodes"] == 1
 
 
-def test_two_ddp_processes_equal_one(latent_cache, tmp_path, tiny_config):
-    model = preset("tiny").model
+def test_two_ddp_processes_equal_one(latent_cache, tmp_path):
     cfg = dataclasses.replace(CFG, steps=3, checkpoint_every=3)
-    train(cfg, model, latent_cache, tmp_path / "single", progress=False)
-    params = tmp_path / "params.yaml"
-    params.write_text("preset: tiny\npretrain:\n  steps: 3\n  batch_size: 4\n  lr: 0.003\n  warmup: 2\n"
-                      "  checkpoint_every: 3\n  min_chunks: 2\n  max_chunks: 3\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "lingbot.cli", "pretrain", str(latent_cache), "--params", str(params),
-                    "--out", str(tmp_path / "ddp"), "--quiet"], check=True, env=env, capture_output=True)
-    a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
-    # Equal up to the summation order of gloo's all-reduce, which Adam's normalisation amplifies a little:
-    # the gap must be tiny next to how far the weights moved in those 3 steps.
-    from lingbot.data.latents import LatentWindows
-    from lingbot.model.world_model import WorldModel
+    train(cfg, preset("tiny").model, latent_cache, tmp_path / "single", progress=False)
+    _torchrun(cfg, latent_cache, tmp_path / "ddp")
+    _assert_same_training(tmp_path / "single", tmp_path / "ddp", latent_cache)
 
-    manifest = LatentWindows(latent_cache).manifest
-    torch.manual_seed(cfg.seed)
-    init = WorldModel(dataclasses.replace(model, latent_channels=manifest["z_dim"]),
-                      cameras=len(manifest["cameras"]), actions_per_chunk=4).state_dict()
-    moved = max((a[k] - init[k]).abs().max().item() for k in a)
-    gap = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert moved > 1e-3 and gap <= 5e-5 and gap < moved / 100, (gap, moved)
+
+# Constant schedule: a run told `--steps 2` takes the first 2 steps of the 4-step run exactly.
+HALVES = dataclasses.replace(CFG, steps=4, checkpoint_every=2, schedule="constant")
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(latent_cache, tmp_path_factory):
+    """HALVES in one process (`once`); its first half in one process and the second under 2-process FSDP
+    (`plain-fsdp`), and the other way round (`fsdp-plain`); `half/plain`, `half/fsdp`: the runs after
+    their first half."""
+    root = tmp_path_factory.mktemp("fsdp")
+    # The FSDP runs also recompute activations and accumulate 2 micro-batches, as large presets would.
+    model = preset("tiny").model
+    fsdp = dataclasses.replace(HALVES, parallel="fsdp", activation_checkpointing=True, grad_accum=2)
+    train(HALVES, model, latent_cache, root / "once", progress=False)
+    train(HALVES, model, latent_cache, root / "plain-fsdp", stop_after=2, progress=False)
+    _torchrun(fsdp, latent_cache, root / "fsdp-plain", "--steps", "2")
+    shutil.copytree(root / "plain-fsdp", root / "half" / "plain")
+    shutil.copytree(root / "fsdp-plain", root / "half" / "fsdp")
+    train(HALVES, model, latent_cache, root / "fsdp-plain", progress=False)
+    _torchrun(fsdp, latent_cache, root / "plain-fsdp")
+    return root
+
+
+def test_two_fsdp_processes_equal_one_and_write_the_same_checkpoint(fsdp_runs, latent_cache):
+    plain, fsdp = fsdp_runs / "half" / "plain", fsdp_runs / "half" / "fsdp"
+    for which in ("model", "ema"):
+        _assert_same_training(plain, fsdp, latent_cache, which)
+    # One format: full tensors under the same names, the optimizer's numbered as one process numbers them.
+    plain, fsdp = plain / "checkpoint", fsdp / "checkpoint"
+    assert sorted(p.name for p in plain.iterdir()) == sorted(p.name for p in fsdp.iterdir())
+    for name in ("model", "ema", "optimizer"):
+        a, b = (load_file(str(d / f"{name}.safetensors")) for d in (plain, fsdp))
+        assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+    a, b = (load_file(str(d / "optimizer.safetensors")) for d in (plain, fsdp))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    a, b = (json.loads((d / "trainer.json").read_text()) for d in (plain, fsdp))
+    assert a["param_groups"] == b["param_groups"] and a["slots"] == b["slots"] and a["step"] == b["step"] == 2
+
+
+def test_fsdp_checkpoints_resume_in_one_process_and_back(fsdp_runs, latent_cache):
+    """A FSDP checkpoint resumed by a plain process, and a plain one resumed under FSDP (set back into
+    the shards), both end where the uninterrupted run ends."""
+    for run in ("fsdp-plain", "plain-fsdp"):
+        for which in ("model", "ema"):
+            _assert_same_training(fsdp_runs / "once", fsdp_runs / run, latent_cache, which)
+        assert len((fsdp_runs / run / "log.tsv").read_text().splitlines()) == HALVES.steps + 1
+
+
+def test_unknown_parallel_is_refused(tmp_path):
+    with pytest.raises(LingbotError, match="parallel must be one of ddp, fsdp, got 'fdsp'"):
+        train(dataclasses.replace(CFG, parallel="fdsp"), preset("tiny").model, tmp_path / "cache", tmp_path / "out")
 
 
 def test_activation_checkpointing_gives_the_same_gradients(latent_cache):
@@ -97,3 +166,10 @@ def test_activation_checkpointing_gives_the_same_gradients(latent_cache):
         flow_matching_loss(model, batch, noise, 4)["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_fsdp_in_one_process_trains_unsharded_with_a_warning(latent_cache, tmp_path, caplog):
+    report = train(dataclasses.replace(CFG, steps=1, parallel="fsdp"), preset("tiny").model, latent_cache, tmp_path,
+                   progress=False)
+    assert report["steps"] == 1 and report["world_size"] == 1
+    assert "parallel fsdp in a single process trains unsharded" in caplog.text

@@ -1,1 +1,1 @@
-"""Training: teacher forcing + flow matching over the latent cache, checkpoints, exact resume, DDP."""
+"""Training: teacher forcing + flow matching over the latent cache, checkpoints, exact resume, DDP/FSDP."""

@@ -11,15 +11,21 @@ Checkpoint directory (one format, no pickles)::
     model.safetensors       weights            ema.safetensors   EMA weights (the released ones)
     optimizer.safetensors   AdamW moments      trainer.json      step, scheduler, loss log tail
 
-Distributed: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DDP on gloo (CPU) or NCCL (CUDA);
-rank 0 writes. FSDP2 and activation checkpointing are applied by separate functions, keeping the model
-file free of distributed code.
+Distributed: under `torchrun` (WORLD_SIZE > 1), on gloo (CPU) or NCCL (CUDA), `TrainConfig.parallel`
+picks how the model is spread: "ddp" (default) replicates it (DDP); "fsdp" shards parameters, gradients,
+AdamW moments and the EMA over the processes (FSDP2, `parallel.apply_fsdp`; bf16 all-gathers on GPUs),
+for presets that do not fit one device (`pretrain: {parallel: fsdp}` in params.yaml). The checkpoint
+is gathered to the format above either way, so it resumes under any layout. Rank 0 writes. In a single
+process "fsdp" trains unsharded (with a warning). FSDP2 and activation checkpointing are applied by
+separate functions, keeping the model file free of distributed code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -31,6 +37,9 @@ import torch
 from lingbot.config import ModelConfig, TrainConfig
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir, atomic_file, write_json
+from lingbot.train.parallel import PARALLEL, apply_fsdp, clip_grad_norm_, full_state, load_full_state
+
+logger = logging.getLogger("lingbot.train")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,9 +126,13 @@ def apply_activation_checkpointing(model) -> None:
 
 
 def save_checkpoint(path: Path, model, ema, optimizer, step: int, meta: dict, log: list[dict]) -> None:
+    """Write the checkpoint directory. Every process calls it (under FSDP the full tensors are gathered
+    to rank 0, a collective); rank 0 writes."""
     from safetensors.torch import save_file
 
-    state = optimizer.state_dict()
+    weights, state, ema = full_state(model, optimizer, ema)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     tensors, slots = {}, {}
     for pid, st in state["state"].items():
         for key, value in st.items():
@@ -129,7 +142,7 @@ def save_checkpoint(path: Path, model, ema, optimizer, step: int, meta: dict, lo
                 slots[f"{pid}.{key}"] = value
     with atomic_dir(Path(path)) as tmp:
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
         save_file(tensors or {"empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "config.json", {**meta, "step": step})
@@ -138,10 +151,9 @@ def save_checkpoint(path: Path, model, ema, optimizer, step: int, meta: dict, lo
 
 
 def load_checkpoint(path: Path, model, ema, optimizer) -> tuple[int, list[dict]]:
+    """Set model, EMA and optimizer from a checkpoint, whatever layout wrote it (plain, DDP or FSDP)."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    ema.update(load_file(str(path / "ema.safetensors")))
     trainer = json.loads((path / "trainer.json").read_text())
     tensors = load_file(str(path / "optimizer.safetensors"))
     state: dict[int, dict] = {}
@@ -153,7 +165,9 @@ def load_checkpoint(path: Path, model, ema, optimizer) -> tuple[int, list[dict]]
     for key, value in trainer["slots"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": trainer["param_groups"]})
+    load_full_state(model, optimizer, ema, load_file(str(path / "model.safetensors")),
+                    {"state": state, "param_groups": trainer["param_groups"]},
+                    load_file(str(path / "ema.safetensors")))
     return int(trainer["step"]), list(trainer["log"])
 
 
@@ -171,13 +185,18 @@ def load_weights(path: Path, which: str = "ema") -> tuple[dict, dict]:
 # The loop.
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; joins torchrun's process group when there is one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        # Each process owns one GPU: NCCL's collectives (FSDP's in particular) run on the current device.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0
-    return rank, world
+    return rank, world, device
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init_from: Path | None = None,
@@ -192,8 +211,12 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
     from lingbot.data.latents import LatentWindows
     from lingbot.model.world_model import WorldModel, count_parameters, draw_noise, flow_matching_loss
 
-    rank, world = _distributed()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.parallel not in PARALLEL:
+        raise LingbotError(f"train: parallel must be one of {', '.join(PARALLEL)}, got {cfg.parallel!r}")
+    rank, world, device = _distributed()
+    fsdp = cfg.parallel == "fsdp" and world > 1
+    if cfg.parallel == "fsdp" and world == 1:
+        logger.warning("train: parallel fsdp in a single process trains unsharded (launch with torchrun to shard)")
     if cfg.batch_size % (world * cfg.grad_accum):
         raise LingbotError(f"train: batch_size {cfg.batch_size} must divide into {world} processes x "
                            f"{cfg.grad_accum} accumulation steps")
@@ -213,8 +236,15 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
     if init_from is not None:
         weights, _ = load_weights(Path(init_from))
         model.load_state_dict(weights)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if fsdp:
+        apply_fsdp(model, device)
+    # Under FSDP the EMA mirrors the sharded parameters: each process keeps the EMA of its own shard
+    # (1/N of the memory, an update without communication, elementwise the same numbers as a full
+    # EMA); it is gathered to full tensors only when a checkpoint is written.
     ema = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)  # after sharding: it must hold the sharded parameters
     meta = {
         "model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg), "cameras": cameras,
         "actions_per_chunk": k, "action_dim": action_dim, "cache_fingerprints": manifest["fingerprints"],
@@ -224,10 +254,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
     step, log = 0, []
     if (ckpt / "trainer.json").is_file():
         step, log = load_checkpoint(ckpt, model, ema, optimizer)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
     net = model
-    if world > 1:
+    if world > 1 and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model)
     if cfg.compile:
         net = torch.compile(net)
@@ -250,14 +278,16 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
             rows = slice(lo, lo + micro)
             part = {key: v[rows].to(device) for key, v in batch.items() if torch.is_tensor(v)}
             part_noise = {key: v[rows] for key, v in noise.items()}
-            sync = a == cfg.grad_accum - 1 or world == 1
-            ctx = net.no_sync() if (world > 1 and not sync) else torch.enable_grad()
+            # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters every micro-batch
+            # into the sharded gradients: skipping it would hold full unsharded gradients in between.
+            last = a == cfg.grad_accum - 1
+            ctx = net.no_sync() if (world > 1 and not fsdp and not last) else contextlib.nullcontext()
             with ctx, autocast:
                 losses = flow_matching_loss(net, part, part_noise, action_dim, cfg.video_weight, cfg.action_weight)
                 (losses["loss"] / cfg.grad_accum).backward()
             for key in total:
                 total[key] += float(losses[key].detach()) / cfg.grad_accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        grad_norm = clip_grad_norm_(model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_update(ema, model, cfg.ema_decay)
@@ -272,7 +302,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", act=f"{entry['action_loss']:.3f}",
                         sps=f"{samples / (time.perf_counter() - t0):.1f}")
-        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):
+        if step % cfg.checkpoint_every == 0 or step == end:
             save_checkpoint(ckpt, model, ema, optimizer, step, meta, log)
     bar.close()
     elapsed = time.perf_counter() - t0
