@@ -78,9 +78,15 @@ class VAEConfig:
     # trains the small config below on the demo frames. Paper scale: Wan2.2's VAE (z=48, 16x).
     pretrained: str = ""
     subfolder: str = ""  # e.g. "vae" inside a full Wan pipeline repo
-    base_dim: int = 16
+    # Wan2.2's layout at small scale: frames enter as 2x2 pixel patches (12 channels), then two
+    # downsamples (both also 2x in time) with parameter-free average/duplicate shortcuts around each
+    # down/up block: 8x spatial, 4x temporal. Against Wan2.1's layout at full resolution (dim_mult
+    # 1,2,4,4, no patches) it learns faster per CPU second: 20.4 vs 17.4 dB held-out after 4-5 minutes.
+    base_dim: int = 32
     z_dim: int = 16
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # three spatial downsamples: 8x
+    dim_mult: tuple[int, ...] = (1, 2, 2)  # residual blocks need the last two equal (Wan2.2: 1,2,4,4)
+    patch_size: int = 2  # pixels per side folded into channels before the first convolution (1: none)
+    residual: bool = True  # Wan2.2's residual down/up blocks
     num_res_blocks: int = 1
     # 1 + 4k frames: the first alone, then groups of 4 (4x temporal compression). Two groups teach the
     # temporal caches what follows a group, not only what follows the first frame.
@@ -89,6 +95,7 @@ class VAEConfig:
     steps: int = 400
     lr: float = 2e-3
     kl_weight: float = 1e-6
+    bf16: bool = True  # bf16 autocast in training (CPU with AVX512-BF16, or GPU)
     seed: int = 0
     eval_episodes: int = 8  # held-out episodes scored for PSNR/SSIM
 

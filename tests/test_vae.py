@@ -25,8 +25,13 @@ def wan22_style_vae():
     ).eval()
 
 
-@pytest.mark.parametrize("make", [lambda: build_vae(VAEConfig(base_dim=8, z_dim=4)).eval(), wan22_style_vae],
-                         ids=["small", "wan22-style"])
+def wan21_style_vae():
+    """Wan2.1's layout built from our config: full-resolution input, plain blocks, 8x spatial."""
+    return build_vae(VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 4, 4), patch_size=1, residual=False)).eval()
+
+
+@pytest.mark.parametrize("make", [lambda: build_vae(VAEConfig(base_dim=8, z_dim=4)).eval(), wan22_style_vae,
+                                  wan21_style_vae], ids=["small", "wan22-style", "wan21-style"])
 def test_streaming_encode_equals_whole_clip(make):
     vae = make()
     torch.manual_seed(1)
@@ -41,6 +46,18 @@ def test_streaming_encode_equals_whole_clip(make):
     assert (streamed - whole).abs().max().item() <= 1e-4
     stream.reset()  # a reset encoder starts a new clip: the first frame alone again
     assert stream.push(clip[:, :, 0]) is not None
+
+
+def test_small_vae_is_8x_spatial_4x_temporal_and_bad_layouts_are_refused():
+    vae = build_vae(VAEConfig(base_dim=8, z_dim=4)).eval()
+    z = encode_clip(vae, torch.zeros(1, 3, 9, 64, 64))
+    assert z.shape == (1, 4, 3, 8, 8) and vae.config.scale_factor_spatial == 8
+    from lingbot.errors import LingbotError
+
+    with pytest.raises(LingbotError, match="last two levels equal"):
+        build_vae(VAEConfig(dim_mult=(1, 2, 4)))
+    with pytest.raises(LingbotError, match="needs >= 3 levels"):
+        build_vae(VAEConfig(dim_mult=(1, 2)))
 
 
 def test_pretrained_vae_loads_from_a_diffusers_directory(ingested, tmp_path, tiny_config):

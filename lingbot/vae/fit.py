@@ -94,15 +94,20 @@ def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True) -
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, cfg.steps)))
     )
+    device = next(vae.parameters()).device
+    # bf16 autocast: 1.26x faster steps on a CPU with AVX512-BF16 (and the usual win on GPUs); the
+    # weights, the loss and the optimizer stay fp32, scoring and latent statistics run in fp32.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     vae.train()
     log = []
     bar = tqdm(range(cfg.steps), desc="fit_vae", disable=not progress)
     for step in bar:
-        x = _sample_batch(clips, cfg, rng)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        x = _sample_batch(clips, cfg, rng).to(device)
+        with autocast:
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample.float()
         rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        kl = posterior.kl().mean() / x[0].numel()
+        kl = posterior.kl().float().mean() / x[0].numel()
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -122,10 +127,10 @@ def evaluate(vae, clips: list[np.ndarray]) -> tuple[dict, torch.Tensor, torch.Te
     originals, recons = [], []
     for clip in clips:
         n = usable_frames(min(len(clip), EVAL_FRAMES))
-        x = to_pixels(clip[:n])
+        x = to_pixels(clip[:n]).to(next(vae.parameters()).device)
         z = vae.encode(x).latent_dist.mean
-        originals.append(x[0].transpose(0, 1))  # (T, 3, H, W)
-        recons.append(vae.decode(z).sample.clamp(-1, 1)[0].transpose(0, 1))
+        originals.append(x[0].transpose(0, 1).cpu())  # (T, 3, H, W)
+        recons.append(vae.decode(z).sample.clamp(-1, 1)[0].transpose(0, 1).cpu())
     a, b = torch.cat(originals), torch.cat(recons)
     return {"psnr_db": round(psnr(b, a), 3), "ssim": round(ssim(b, a), 4), "eval_frames": int(len(a))}, a, b
 
@@ -137,8 +142,8 @@ def measure_latent_stats(vae, clips: list[np.ndarray]) -> tuple[list[float], lis
     count = 0
     for clip in clips:
         n = usable_frames(len(clip))
-        z = encode_clip(vae, to_pixels(clip[:n]), normalize=False)  # (1, z, t, h, w)
-        z = z.transpose(0, 1).reshape(z.shape[1], -1).double()
+        z = encode_clip(vae, to_pixels(clip[:n]).to(next(vae.parameters()).device), normalize=False)  # (1, z, t, h, w)
+        z = z.transpose(0, 1).reshape(z.shape[1], -1).double().cpu()
         total = z.sum(1) if total is None else total + z.sum(1)
         total_sq = (z**2).sum(1) if total_sq is None else total_sq + (z**2).sum(1)
         count += z.shape[1]
@@ -170,18 +175,19 @@ def fit_vae(cfg: VAEConfig, demos: Path, out: Path, grid_png: Path | None = None
     val = split["val"][: cfg.eval_episodes] or split["train"][: cfg.eval_episodes]
     train_clips = load_frames(layout, cameras, split["train"])
     val_clips = load_frames(layout, cameras, val)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.pretrained:
-        vae = load_vae(cfg.pretrained, cfg.subfolder)
+        vae = load_vae(cfg.pretrained, cfg.subfolder).to(device)
         log = []
     else:
-        vae = build_vae(cfg)
+        vae = build_vae(cfg).to(device)
         log = train(vae, train_clips, cfg, progress)
     metrics, originals, recons = evaluate(vae, val_clips)
     # A spread sample of training clips pins the per-channel statistics well; all of them costs minutes.
     mean, std = measure_latent_stats(vae, train_clips[:: max(1, len(train_clips) // STATS_CLIPS)])
     vae.register_to_config(latents_mean=mean, latents_std=std)
     with atomic_dir(Path(out)) as tmp:
-        vae.save_pretrained(tmp, safe_serialization=True)
+        vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
     if grid_png is not None:
         save_grid(originals, recons, grid_png)
     if log_tsv is not None and log:

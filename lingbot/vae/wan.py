@@ -28,13 +28,24 @@ def build_vae(cfg: VAEConfig):
 
     torch.manual_seed(cfg.seed)
     downsamples = len(cfg.dim_mult) - 1
+    if downsamples < 2:
+        raise LingbotError(f"vae.dim_mult {list(cfg.dim_mult)}: needs >= 3 levels (two temporal downsamples: 4x in time)")
+    if cfg.residual and cfg.dim_mult[-1] != cfg.dim_mult[-2]:
+        raise LingbotError(f"vae.dim_mult {list(cfg.dim_mult)}: residual blocks need the last two levels equal")
+    patch = cfg.patch_size if cfg.patch_size > 1 else None
+    channels = 3 * (patch or 1) ** 2
     return AutoencoderKLWan(
         base_dim=cfg.base_dim,
         z_dim=cfg.z_dim,
         dim_mult=list(cfg.dim_mult),
         num_res_blocks=cfg.num_res_blocks,
         attn_scales=[],
-        temperal_downsample=[False] + [True] * (downsamples - 1),
+        temperal_downsample=[False] * (downsamples - 2) + [True, True],  # the deepest two: 4x in time
+        is_residual=cfg.residual,
+        in_channels=channels,
+        out_channels=channels,
+        patch_size=patch,
+        scale_factor_spatial=2**downsamples * (patch or 1),
         latents_mean=[0.0] * cfg.z_dim,
         latents_std=[1.0] * cfg.z_dim,
     )
