@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from lerobot.configs import PreTrainedConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
-from lerobot.utils.constants import ACTION
+from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import Tensor
 
 from lerobot_policy_lingbot.configuration_lingbot import LingbotConfig
@@ -159,7 +159,7 @@ class LingbotPolicy(PreTrainedPolicy):
     # -- glue --------------------------------------------------------------------------------------
 
     def _frames(self, batch: dict) -> list[dict[str, np.ndarray]]:
-        """One {bundle camera: uint8 (H, W, 3)} per env row of the batch."""
+        """One {bundle camera: uint8 (H, W, 3), bundle state key: (S,)} per env row of the batch."""
         rt = self.runtime
         size = tuple(int(v) for v in rt.meta["image_size"])
         per_camera = {}
@@ -170,9 +170,14 @@ class LingbotPolicy(PreTrainedPolicy):
                 raise LingbotError(f"lingbot policy: the observation has no {key!r} for bundle camera {camera!r} "
                                    f"(images: {', '.join(images) or 'none'}); set --policy.camera_map")
             per_camera[camera] = to_uint8_frames(batch[key], size)
+        if rt.state_layout is not None:  # LeRobot's robot state, under the key the bundle was trained with
+            if OBS_STATE not in batch:
+                raise LingbotError(f"lingbot policy: the observation has no {OBS_STATE!r} (the bundle's model "
+                                   f"takes the robot state: {rt.state_layout.action_dim} values)")
+            per_camera[rt.state_key] = batch[OBS_STATE].detach().float().cpu().numpy()
         rows = {len(v) for v in per_camera.values()}
         if len(rows) != 1:
-            raise LingbotError(f"lingbot policy: cameras disagree on the batch size ({sorted(rows)})")
+            raise LingbotError(f"lingbot policy: cameras and state disagree on the batch size ({sorted(rows)})")
         return [{camera: images[i] for camera, images in per_camera.items()} for i in range(rows.pop())]
 
     def _tasks(self, batch: dict, n: int) -> list[str]:

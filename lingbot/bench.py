@@ -158,6 +158,7 @@ def bench_train(preset_name: str, steps: int = 10, latent_hw: int = 8, cameras: 
         "actions": torch.rand(B, n, K, 7, generator=g) * 2 - 1,
         "action_mask": torch.ones(B, n, K, dtype=torch.bool),
         "task": torch.randn(B, 1, cfg.text_dim, generator=g),
+        "state": torch.rand(B, n, 4, generator=g) * 2 - 1,
     }
     batch = {k: v.to(device) for k, v in batch.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -231,14 +232,21 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = WorldModel(run_cfg.model, cameras=cameras).to(device).eval()
-    for head in (model.video_out, model.action_out):  # trained heads are not zero: nor are these
-        torch.nn.init.normal_(head.weight, std=0.02)
+    for head in (model.video_out, model.action_out, model.state_in):  # trained heads are not zero: nor are these
+        if head is not None:
+            torch.nn.init.normal_(head.weight, std=0.02)
     K, A, z = model.K, run_cfg.model.action_channels, run_cfg.model.latent_channels
     g = torch.Generator().manual_seed(0)
     text = torch.randn(1, 1, run_cfg.model.text_dim, generator=g).to(device)
     longest = max(histories)
     real = torch.randn(1, longest, cameras, z, latent_hw, latent_hw, generator=g).to(device)
     executed = (torch.rand(1, longest, K, A, generator=g) * 2 - 1).to(device)
+    S = run_cfg.model.state_channels
+    states = (torch.rand(1, longest + 1, S, generator=g) * 2 - 1).to(device) if S else None  # chunk start states
+
+    def start(k):
+        return None if states is None else states[:, k]
+
     ctx = model.encode_text(text)
 
     def sync():
@@ -265,21 +273,25 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
         for hist in histories:
             cache = KVCache(run_cfg.model.depth)
             for k in range(hist):
-                write_history(model, cache, k, ctx, real[:, k], executed[:, k], 0)
+                write_history(model, cache, k, ctx, real[:, k], executed[:, k], 0, state=start(k))
             caches[hist] = cache
             x, a = chunk_noise(torch.Generator().manual_seed(hist), real.shape[2:], K, A, device)
 
             def cached(cfg=cfg, cache=cache, hist=hist, x=x, a=a):
                 size = len(cache)
-                out = denoise_chunk(model, cache, hist, ctx, x, a, cfg)
+                out = denoise_chunk(model, cache, hist, ctx, x, a, cfg, start(hist))
                 cache.truncate(size)  # drop the imagined chunk: the next repeat starts alike
                 return out
 
             result[f"latency_ms_hist{hist}"] = round(timed(cached), 2)
             if hist == longest:
-                result[f"recompute_latency_ms_hist{hist}"] = round(timed(
-                    lambda: recompute_sequence(model, real[:, :hist], executed[:, :hist], text, x, a, cfg)), 2)
-                ref_actions, ref_x = recompute_sequence(model, real[:, :hist], executed[:, :hist], text, x, a, cfg)
+                history = None if states is None else states[:, : hist + 1]
+
+                def recompute():
+                    return recompute_sequence(model, real[:, :hist], executed[:, :hist], text, x, a, cfg, history)
+
+                result[f"recompute_latency_ms_hist{hist}"] = round(timed(recompute), 2)
+                ref_actions, ref_x = recompute()
                 actions, imagined = cached()
                 result["cache_vs_recompute_max_abs_diff"] = float(max(
                     abs(actions - ref_actions).max(), (imagined - ref_x).abs().max().item()))

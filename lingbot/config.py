@@ -127,6 +127,9 @@ class ModelConfig:
     latent_channels: int = 16  # z of the VAE
     patch: tuple[int, int] = (2, 2)  # latent (h, w) patch per video token, as Wan (1x2x2)
     action_channels: int = 16  # model action vector; a robot's actions fill the first channels
+    # Proprioception: the robot state each chunk's actions start from, added to its action tokens
+    # (the robot's state fills the first channels). 0: the model sees no state (bundles before it).
+    state_channels: int = 16
     text_dim: int = 384  # cached text embedding width
     freq_dim: int = 256  # sinusoidal timestep embedding
     window_chunks: int = 0  # attention window in chunks (0: the whole history)

@@ -77,11 +77,13 @@ def test_lerobot_eval_drives_the_lingbot_policy_for_one_episode(tiny_bundle, tmp
     assert session.task == "Open a drawer"
 
 
-def _lerobot_batch(frames: np.ndarray, tasks: list[str]) -> dict:
-    """What LeRobot's env loop hands the preprocessor for one camera: uint8 (B, H, W, 3) frames."""
+def _lerobot_batch(frames: np.ndarray, tasks: list[str], states: np.ndarray | None = None) -> dict:
+    """What LeRobot's env loop hands the preprocessor for one camera: uint8 (B, H, W, 3) frames and
+    the robot state (B, 4) as `agent_pos`."""
     from lerobot.envs.utils import preprocess_observation
 
-    obs = preprocess_observation({"pixels": frames, "agent_pos": np.zeros((len(frames), 4))})
+    states = np.zeros((len(frames), 4)) if states is None else states
+    obs = preprocess_observation({"pixels": frames, "agent_pos": states})
     obs["task"] = tasks
     return obs
 
@@ -110,26 +112,31 @@ def test_factory_policy_acts_like_lingbot_sessions_one_per_env(tiny_bundle, asyn
 
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (K + 1, 2, h, w, 3), dtype=np.uint8)  # (step, env, H, W, 3)
+    states = rng.uniform(-0.5, 0.5, (K + 1, 2, 4)).astype(np.float32)  # (step, env, S)
     # The env renders 2x taller and 3x wider: the policy must shrink it back to exactly these frames.
     rendered = frames.repeat(2, axis=2).repeat(3, axis=3)
     actions, expected = [], []
     for step in range(K + 1):
         with torch.inference_mode():
-            actions.append(post(policy.select_action(pre(_lerobot_batch(rendered[step], tasks)))))
-        expected.append([s.select_action({cam: frames[step, i] for cam in reference.cameras})
+            actions.append(post(policy.select_action(pre(_lerobot_batch(rendered[step], tasks, states[step])))))
+        expected.append([s.select_action({**{cam: frames[step, i] for cam in reference.cameras},
+                                          reference.state_key: states[step, i]})
                          for i, s in enumerate(sessions)])
     actions = torch.stack(actions).numpy()  # (step, env, action_dim)
     assert actions.shape == (K + 1, 2, reference.meta["action_dim"])
-    np.testing.assert_array_equal(actions, np.asarray(expected, np.float32))
+    # Equal up to float rounding (1 ulp seen where a random state enters; exact with a zero state): a
+    # state taken from the wrong env or step moves actions by ~1e-2.
+    np.testing.assert_allclose(actions, np.asarray(expected, np.float32), rtol=0, atol=1e-6)
     assert not np.allclose(actions[:, 0], actions[:, 1])  # each env has its own task, frames and seed
     assert [len(s.latency_ms) for s in policy.sessions] == [2, 2]  # chunks inferred
 
     # reset() starts the episode over: the first chunk again, now asked for whole.
     policy.reset()
     with torch.inference_mode():
-        chunk = policy.predict_action_chunk(pre(_lerobot_batch(rendered[0], tasks)))
+        chunk = policy.predict_action_chunk(pre(_lerobot_batch(rendered[0], tasks, states[0])))
     assert chunk.shape == (2, K, reference.meta["action_dim"])
-    np.testing.assert_array_equal(chunk.numpy(), np.asarray(expected[:K], np.float32).transpose(1, 0, 2))
+    np.testing.assert_allclose(chunk.numpy(), np.asarray(expected[:K], np.float32).transpose(1, 0, 2),
+                               rtol=0, atol=1e-6)
     assert [len(s.latency_ms) for s in policy.sessions] == [1, 1]
     for session in (*policy.sessions, *sessions):
         session.close()

@@ -20,7 +20,7 @@ B, N, C, Z, H, W, K, A = 1, 4, 2, 4, 4, 4, 4, 4
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     model = WorldModel(preset("tiny").model, cameras=C, actions_per_chunk=K)
-    for head in (model.video_out, model.action_out):  # zero-initialised heads would hide every effect
+    for head in (model.video_out, model.action_out, model.state_in):  # zero-initialised: would hide every effect
         torch.nn.init.normal_(head.weight, std=0.5)
     return model.eval()
 
@@ -36,6 +36,7 @@ def inputs(seed=0):
         "t_action": torch.rand(B, N, generator=g),
         "t_history": torch.zeros(B, N),
         "text": torch.randn(B, 1, 384, generator=g),
+        "state": torch.randn(B, N, 16, generator=g),
     }
 
 
@@ -64,6 +65,23 @@ def test_clean_actions_of_chunk_j_reach_only_later_chunks(j):
     dv, da = changed_chunks(tiny_model(), inputs(), "clean_action", j)
     assert dv == [k > j for k in range(N)]
     assert da == [k > j for k in range(N)]
+
+
+@pytest.mark.parametrize("j", [0, 1, 2])
+def test_state_of_chunk_j_reaches_its_own_actions_and_later_chunks(j):
+    dv, da = changed_chunks(tiny_model(), inputs(), "state", j)
+    assert dv == [k > j for k in range(N)]  # through the clean action history of chunk j
+    assert da == [k >= j for k in range(N)]
+
+
+def test_chunk_start_state_is_the_previous_latent_frames_state():
+    from lingbot.model.world_model import chunk_start_state
+
+    state = torch.arange(6.0).view(1, 3, 2)  # (B, n, S): state at the end of latent frames 0..2
+    start = chunk_start_state(state, 4)
+    assert start.tolist() == [[[0, 1, 0, 0], [0, 1, 0, 0], [2, 3, 0, 0]]]
+    with pytest.raises(ValueError, match="3 channels, the model only 2"):
+        chunk_start_state(torch.zeros(1, 2, 3), 2)
 
 
 @pytest.mark.parametrize("key, stream", [("noisy_video", 0), ("noisy_action", 1)])
@@ -137,6 +155,7 @@ def test_loss_decreases_on_a_tiny_overfit_batch():
         "actions": torch.rand(2, N, K, A, generator=g) * 2 - 1,
         "action_mask": torch.ones(2, N, K, dtype=torch.bool),
         "task": torch.randn(2, 1, 384, generator=g),
+        "state": torch.randn(2, N, A, generator=g),
     }
     batch["action_mask"][:, 0] = False
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -7,14 +7,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lingbot.policy.runtime import ActionLayout, load_policy, recompute_chunk
+from lingbot.policy.runtime import ChannelLayout, load_policy, recompute_chunk
 
 
 def _frames(policy, n, seed=0):
-    """n observations of random uint8 images (the VAE does not care what it sees)."""
+    """n observations of random uint8 images (the VAE does not care what it sees) and robot states."""
     rng = np.random.default_rng(seed)
     h, w = policy.meta["image_size"]
-    return [{key: rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for key in policy.cameras} for _ in range(n)]
+    return [{**{key: rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for key in policy.cameras},
+             policy.state_key: rng.uniform(-0.5, 0.5, policy.meta["state_dim"]).astype(np.float32)}
+            for _ in range(n)]
 
 
 def _drive(session, frames, chunks):
@@ -88,7 +90,7 @@ def test_action_layout_keeps_time_rows_and_feature_columns(latent_cache, ingeste
     from lingbot.data.latents import normalize
 
     model_space = normalize(cached, stats).numpy()
-    layout = ActionLayout(stats, action_dim=model_space.shape[-1], model_channels=16)
+    layout = ChannelLayout(stats, action_dim=model_space.shape[-1], model_channels=16)
     padded = np.zeros((*model_space.shape[:2], 16), np.float32)
     padded[..., : model_space.shape[-1]] = model_space
     index, _, actions = read_state_action(open_layout(ingested / "dataset"), "observation.state", "action")
@@ -113,6 +115,25 @@ def test_bad_observation_is_one_clear_error(tiny_bundle):
     wrong = {k: v.astype(np.float32) for k, v in obs.items()}
     with pytest.raises(LingbotError, match="uint8"):
         session.infer(wrong)
+    no_state = dict(obs)
+    no_state.pop(policy.state_key)
+    with pytest.raises(LingbotError, match=policy.state_key):
+        session.infer(no_state)
+    short = {**obs, policy.state_key: obs[policy.state_key][:-1]}
+    with pytest.raises(LingbotError, match=f"expected {policy.meta['state_dim']} finite values"):
+        session.infer(short)
+
+
+def test_the_robot_state_reaches_the_actions_of_its_chunk(tiny_bundle):
+    policy = load_policy(tiny_bundle, video_steps=2, video_exec_step=1, action_steps=2)
+    assert policy.model.cfg.state_channels and policy.state_layout.action_dim == policy.meta["state_dim"]
+    # Three training steps leave the zero-initialised state projection ~0: give it weight, to see the plumbing.
+    torch.nn.init.normal_(policy.model.state_in.weight, std=0.5)
+    obs = _frames(policy, 1)[0]
+    moved = {**obs, policy.state_key: obs[policy.state_key] + 0.3}
+    a = policy.new_session(seed=3).infer(obs)
+    b = policy.new_session(seed=3).infer(moved)
+    assert np.abs(a - b).max() > 1e-6  # same frames and noise: only the state differs
 
 
 def test_evaluate_rolls_out_in_metaworld_and_scores(tiny_bundle, tmp_path, tiny_config):

@@ -48,7 +48,7 @@ def test_video_expert_reproduces_wan_on_a_first_frame(wan_dir):
         video = latents.permute(0, 2, 1, 3, 4).unsqueeze(2)  # (B, n=1, C=1, z, h, w)
         actions = torch.zeros(2, 1, 4, 4)
         ours, _ = model(video, torch.zeros_like(video), actions, actions, t[:, None], t[:, None],
-                        torch.zeros(2, 1), text)
+                        torch.zeros(2, 1), text, torch.zeros(2, 1, model.cfg.state_channels))
     # One chunk: noisy video sees only itself, exactly Wan's full self-attention over the frame.
     torch.testing.assert_close(ours[:, 0, 0], expected[:, :, 0], atol=1e-4, rtol=1e-4)
 

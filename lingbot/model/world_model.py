@@ -11,6 +11,11 @@ projections and FFN; attention is one softmax over the tokens of both streams in
 map onto it); the action expert has no cross-attention: it reads the task through the joint attention
 to video tokens, which is what keeps it at ~350M parameters at paper scale.
 
+Proprioception. The robot state each chunk's actions start from (that of the previous latent frame's
+last camera frame, `chunk_start_state`) is projected to the action width and added to every action
+token of the chunk, noisy and clean: the action expert decodes the actions that realise the imagined
+video from where the arm actually is. The video expert never sees it (it predicts the cameras).
+
 Teacher forcing (training). One pass over `[noisy video, clean video, noisy action, clean action]`,
 block id 2k for video of chunk k and 2k+1 for its actions:
     clean -> clean : block(key) <= block(query)            (block-causal history)
@@ -261,6 +266,12 @@ class WorldModel(nn.Module):
         Dv, Da = cfg.video_width, cfg.action_width
         self.video_in = nn.Linear(self.patch_dim, Dv)
         self.action_in = nn.Linear(cfg.action_channels, Da)
+        # Proprioception enters the action expert only: the video expert predicts what the cameras see.
+        # Zero-initialised, so a model (or one initialised from a video model) starts without it.
+        self.state_in = nn.Linear(cfg.state_channels, Da) if cfg.state_channels else None
+        if self.state_in is not None:
+            nn.init.zeros_(self.state_in.weight)
+            nn.init.zeros_(self.state_in.bias)
         self.text_in = nn.Sequential(nn.Linear(cfg.text_dim, Dv), nn.GELU(approximate="tanh"), nn.Linear(Dv, Dv))
         self.camera_embed = nn.Parameter(torch.zeros(cameras, Dv))
         # Timestep conditioning in Wan's layout: embed (Linear, SiLU, Linear), then per-layer AdaLN
@@ -334,9 +345,14 @@ class WorldModel(nn.Module):
         emb = self.time_embed_v(timestep_embedding(t.repeat_interleave(lay["Tv"], 1), self.cfg.freq_dim))
         return x, emb, self.time_proj_v(emb).unflatten(-1, (6, -1))  # mod (B, L, 6, Dv)
 
-    def _action_tokens(self, action, t):
-        """action (B, n, K, A) at flow times t (B, n) -> tokens (B, n*K, Da), time emb, AdaLN mod."""
+    def _action_tokens(self, action, t, state=None):
+        """action (B, n, K, A) at flow times t (B, n), state (B, n, S) each chunk starts from ->
+        tokens (B, n*K, Da), time emb, AdaLN mod."""
         x = self.action_in(action.flatten(1, 2))
+        if self.state_in is not None:
+            if state is None:
+                raise ValueError(f"the model takes the robot state ({self.cfg.state_channels} channels): pass state")
+            x = x + self.state_in(state).repeat_interleave(self.K, 1)
         emb = self.time_embed_a(timestep_embedding(t.repeat_interleave(self.K, 1), self.cfg.freq_dim))
         return x, emb, self.time_proj_a(emb).unflatten(-1, (6, -1))
 
@@ -350,12 +366,13 @@ class WorldModel(nn.Module):
         return self.text_in(text)
 
     def forward(self, noisy_video, clean_video, noisy_action, clean_action, t_video, t_action,
-                t_history, text):
+                t_history, text, state=None):
         """Teacher-forced velocity prediction.
 
         noisy_video, clean_video: (B, n, C, z, h, w); noisy_action, clean_action: (B, n, K, A);
         t_video, t_action: (B, n) flow times of the noisy chunks; t_history: (B, n) the level the clean
-        video history was re-noised to (0 = clean); text: (B, Lt, text_dim).
+        video history was re-noised to (0 = clean); text: (B, Lt, text_dim); state: (B, n, S) the
+        robot state chunk k's actions start from (`chunk_start_state`), for both action copies.
         Returns (v_video (B, n, C, z, h, w), v_action (B, n, K, A)).
         """
         B, n, C, z, h, w = noisy_video.shape
@@ -363,8 +380,8 @@ class WorldModel(nn.Module):
         Tv, K = lay["Tv"], self.K
         streams = [self._video_tokens(noisy_video, t_video, lay), self._video_tokens(clean_video, t_history, lay)]
         xv, emb_v, mod_v = (torch.cat(p, 1) for p in zip(*streams))
-        streams = [self._action_tokens(noisy_action, t_action),
-                   self._action_tokens(clean_action, torch.zeros_like(t_action))]
+        streams = [self._action_tokens(noisy_action, t_action, state),
+                   self._action_tokens(clean_action, torch.zeros_like(t_action), state)]
         xa, emb_a, mod_a = (torch.cat(p, 1) for p in zip(*streams))
 
         vb, ab = lay["video_block"], lay["action_block"]
@@ -382,10 +399,11 @@ class WorldModel(nn.Module):
         return self.unpatchify(v_video, h, w), v_action
 
     def step(self, cache: KVCache, chunk: int, text: torch.Tensor, video=None, t_video=None, action=None,
-             t_action=None, clean: bool = False, window_chunks: int = 0):
+             t_action=None, clean: bool = False, window_chunks: int = 0, state=None):
         """One incremental pass over tokens of chunk `chunk` against the cached history (inference).
 
-        video (B, C, z, h, w) at flow time t_video (B,) and/or action (B, K, A) at t_action (B,); text
+        video (B, C, z, h, w) at flow time t_video (B,) and/or action (B, K, A) at t_action (B,) with
+        the state (B, S) the chunk's actions start from; text
         from `encode_text`. Noisy tokens (clean=False) attend to the cache and to each other; clean
         tokens (clean=True: history, or an imagined chunk at history level t_video) are appended to the
         cache. The mask comes from `attention_mask`, as in training, so this equals the teacher-forced
@@ -403,7 +421,8 @@ class WorldModel(nn.Module):
             xv, emb_v, mod_v = (torch.zeros(B, 0, *s, device=dev) for s in ((Dv,), (Dv,), (6, Dv)))
             pos_v, blk_v = torch.zeros(0, 3, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
         if action is not None:
-            xa, emb_a, mod_a = self._action_tokens(action[:, None], t_action[:, None])
+            xa, emb_a, mod_a = self._action_tokens(action[:, None], t_action[:, None],
+                                                   None if state is None else state[:, None])
             pos_a, blk_a = lay["action_pos"], lay["action_block"]
         else:
             xa, emb_a, mod_a = (torch.zeros(B, 0, *s, device=dev) for s in ((Da,), (Da,), (6, Da)))
@@ -428,7 +447,8 @@ class WorldModel(nn.Module):
 def count_parameters(model: WorldModel) -> dict[str, int]:
     """Parameters of the video expert (with its embeddings and heads) and of the action expert."""
     action = sum(p.numel() for name, p in model.named_parameters()
-                 if ".action." in name or name.startswith(("action_in", "action_out", "time_embed_a", "time_proj_a", "out_modulation_a")))
+                 if ".action." in name or name.startswith(("action_in", "state_in", "action_out", "time_embed_a",
+                                                            "time_proj_a", "out_modulation_a")))
     total = sum(p.numel() for p in model.parameters())
     return {"video": total - action, "action": action, "total": total}
 
@@ -464,12 +484,24 @@ def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p:
     }
 
 
+def chunk_start_state(state: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, n, S) robot state at the last frame of each latent frame -> (B, n, channels): the state the
+    actions of chunk k start from, i.e. that of latent frame k - 1 (chunk 0 has no actions: its own).
+    The robot's channels come first, the rest are zero."""
+    if state.shape[-1] > channels:
+        raise ValueError(f"robot state has {state.shape[-1]} channels, the model only {channels}")
+    start = torch.cat([state[:, :1], state[:, :-1]], dim=1)
+    return F.pad(start, (0, channels - state.shape[-1]))
+
+
 def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_channels_used: int,
                        video_weight: float = 1.0, action_weight: float = 1.0) -> dict:
-    """One teacher-forced pass. batch: video (B,n,C,z,h,w), actions (B,n,K,a), action_mask (B,n,K), task."""
+    """One teacher-forced pass. batch: video (B,n,C,z,h,w), actions (B,n,K,a), action_mask (B,n,K),
+    state (B,n,s), task."""
     video, actions, step_mask = batch["video"], batch["actions"], batch["action_mask"]
     B, n = video.shape[:2]
-    A = getattr(model, "module", model).cfg.action_channels  # unwrap DDP
+    cfg = getattr(model, "module", model).cfg  # unwrap DDP
+    A = cfg.action_channels
     if actions.shape[-1] < A:  # the robot's channels first, the rest zero and masked out of the loss
         actions = F.pad(actions, (0, A - actions.shape[-1]))
     dev = video.device
@@ -486,7 +518,8 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
     t_h = nz["history"][:, None].expand(B, n)
     clean_v = mix(video, nz["eps_history"], t_h, 4)
 
-    pred_v, pred_a = model(noisy_v, clean_v, noisy_a, actions, t_v, t_a, t_h, batch["task"])
+    state = chunk_start_state(batch["state"], cfg.state_channels) if cfg.state_channels else None
+    pred_v, pred_a = model(noisy_v, clean_v, noisy_a, actions, t_v, t_a, t_h, batch["task"], state)
     loss_v = F.mse_loss(pred_v, nz["eps_video"] - video)
     channel = torch.zeros(A, device=dev)
     channel[:action_channels_used] = 1

@@ -3,7 +3,7 @@
 One layout serves evaluation, the release on the Hub, `lingbot pull` and `lingbot serve`::
 
     policy.json            format, model config, cameras (LeRobot keys), image size [H, W], actions per
-                           chunk, the robot's action dim and keys, fps, policy config, text encoder,
+                           chunk, the robot's action and state dims and keys, fps, policy config, text encoder,
                            provenance (fingerprints of the dataset / VAE / cache it was trained from)
     model.safetensors      world-model weights (the training run's EMA weights)
     normalization.json     q01/q99 (and mean/std) of the robot's actions and states
@@ -60,6 +60,7 @@ def write_bundle(out: Path, checkpoint: Path, vae_dir: Path, cache: Path, policy
         "action_dim": ckpt["action_dim"],
         "action_key": manifest["action_key"],
         "state_key": manifest["state_key"],
+        "state_dim": len(manifest["stats"]["state"]["q01"]),
         "fps": manifest["fps"],
         "tasks": manifest["tasks"],
         "text_encoder": manifest["text_encoder"],
@@ -88,5 +89,6 @@ def read_bundle(path: Path) -> dict:
         raise LingbotError(f"{path / 'policy.json'}: format {meta.get('format')!r}, expected {FORMAT!r}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items() if k in fields}
+    model.setdefault("state_channels", 0)  # bundles from before the state input: the model had none
     meta["model_config"] = ModelConfig(**model)
     return meta

@@ -20,7 +20,9 @@ executes. Both modes draw the noise of chunk k from a generator seeded by (seed,
 deterministic, whatever else runs in the process. A ring window (`history_chunks`) bounds memory.
 
 Frames: `observe(obs)` streams the frames between chunk boundaries; `infer(obs)` takes the boundary
-frame (the last of the executed chunk). A chunk needs 4 * frame_stride frames; fewer (a client that
+frame (the last of the executed chunk) and the robot state there, which the next chunk's actions start
+from (asynchronous mode computes chunk k+1 before its start state exists: it uses the state at the
+start of chunk k, the latest there is). A chunk needs 4 * frame_stride frames; fewer (a client that
 only calls `infer`) are padded with the earliest frame received, more keep the latest.
 """
 
@@ -56,21 +58,23 @@ def chunk_noise(generator: torch.Generator, latent_shape, K: int, action_channel
 
 @torch.no_grad()
 def write_history(model: WorldModel, cache: KVCache, chunk: int, text: torch.Tensor, latent: torch.Tensor,
-                  actions: torch.Tensor, history_chunks: int, level: float = 0.0) -> None:
-    """The latent (1, cams, z, h, w) and actions (1, K, A) of `chunk` become history in the cache.
+                  actions: torch.Tensor, history_chunks: int, level: float = 0.0, state=None) -> None:
+    """The latent (1, cams, z, h, w) and actions (1, K, A) of `chunk` (started from state (1, S))
+    become history in the cache.
 
     level 0: real frames and executed actions (step 1); above 0: an imagined latent at that noise level
     with the actions being executed (async mode's provisional history).
     """
     t_video = torch.full((1,), float(level), device=latent.device)
     model.step(cache, chunk, text, video=latent, t_video=t_video, action=actions,
-               t_action=torch.zeros(1, device=latent.device), clean=True, window_chunks=history_chunks)
+               t_action=torch.zeros(1, device=latent.device), clean=True, window_chunks=history_chunks, state=state)
 
 
 @torch.no_grad()
 def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Tensor, x: torch.Tensor,
-                  a: torch.Tensor, cfg: PolicyConfig) -> tuple[np.ndarray, torch.Tensor]:
+                  a: torch.Tensor, cfg: PolicyConfig, state=None) -> tuple[np.ndarray, torch.Tensor]:
     """Steps 2 and 3 of the module docstring against `cache`: the imagined video stays in the cache.
+    state (1, S): the robot state the chunk's actions start from (models with a state input).
 
     Returns the action chunk (K, A_model) in -1..1 and the imagined latent (1, cams, z, h, w).
     """
@@ -83,28 +87,28 @@ def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
     model.step(cache, chunk, text, video=x, t_video=level, clean=True, window_chunks=window)
     ta = flow_times(cfg.action_steps, cfg.shift).to(x.device)
     for i in range(cfg.action_steps):
-        _, v = model.step(cache, chunk, text, action=a, t_action=ta[i : i + 1], window_chunks=window)
+        _, v = model.step(cache, chunk, text, action=a, t_action=ta[i : i + 1], window_chunks=window, state=state)
         a = a + (ta[i + 1] - ta[i]) * v
     return a[0].clamp(-1, 1).cpu().numpy(), x
 
 
-class ActionLayout:
-    """The model's action channels <-> the robot's action vector, explicitly.
+class ChannelLayout:
+    """The model's action (or state) channels <-> the robot's action (or state) vector, explicitly.
 
     The model predicts (K, A_model) per chunk: row i is action step i of the chunk (time major), columns
     0..action_dim-1 are the robot's channels in the dataset's feature order, quantile-normalised to
     -1..1; the remaining channels are unused padding. `to_robot` keeps the time order of the rows: the
-    first row is executed first.
+    first row is executed first. The robot state enters the model the same way (`to_model`).
     """
 
-    def __init__(self, stats: dict, action_dim: int, model_channels: int):
+    def __init__(self, stats: dict, action_dim: int, model_channels: int, what: str = "action"):
         if action_dim > model_channels:
-            raise LingbotError(f"robot action has {action_dim} channels, the model only {model_channels}")
+            raise LingbotError(f"robot {what} has {action_dim} channels, the model only {model_channels}")
         self.lo = np.asarray(stats["q01"], np.float32)
         self.hi = np.asarray(stats["q99"], np.float32)
         if self.lo.shape != (action_dim,):
-            raise LingbotError(f"normalization stats have {self.lo.shape[0]} action channels, expected {action_dim}")
-        self.action_dim, self.model_channels = action_dim, model_channels
+            raise LingbotError(f"normalization stats have {self.lo.shape[0]} {what} channels, expected {action_dim}")
+        self.action_dim, self.model_channels, self.what = action_dim, model_channels, what
 
     def to_robot(self, model_actions: np.ndarray) -> np.ndarray:
         """(K, A_model) normalised -> (K, action_dim) in robot units."""
@@ -115,7 +119,7 @@ class ActionLayout:
         """(K, action_dim) robot units -> (K, A_model) normalised, padding channels zero."""
         x = np.asarray(robot_actions, np.float32)
         if x.ndim != 2 or x.shape[1] != self.action_dim:
-            raise LingbotError(f"actions of shape {x.shape}, expected (steps, {self.action_dim})")
+            raise LingbotError(f"{self.what} of shape {x.shape}, expected (steps, {self.action_dim})")
         out = np.zeros((len(x), self.model_channels), np.float32)
         out[:, : self.action_dim] = 2 * (x - self.lo) / np.maximum(self.hi - self.lo, 1e-6) - 1
         return out
@@ -147,7 +151,12 @@ class Policy:
         self.model.to(self.device).eval()
         self.vae = load_vae(self.path / "vae").to(self.device)
         norm = json.loads((self.path / "normalization.json").read_text())
-        self.layout = ActionLayout(norm["action"], int(self.meta["action_dim"]), self.model.cfg.action_channels)
+        self.layout = ChannelLayout(norm["action"], int(self.meta["action_dim"]), self.model.cfg.action_channels)
+        self.state_key = self.meta.get("state_key", "observation.state")
+        self.state_layout = None  # models without a state input ignore the observation's state
+        if self.model.cfg.state_channels:
+            self.state_layout = ChannelLayout(norm["state"], len(norm["state"]["q01"]),
+                                              self.model.cfg.state_channels, what="state")
         self.tasks = list(self.meta["tasks"])
         self.task_embeddings = load_file(str(self.path / "tasks.safetensors"))["embeddings"]
 
@@ -198,9 +207,11 @@ class Session:
         self.pending = None  # async: the future of the next chunk
         self.imagined_at = None  # cache length before the newest imagined entries
         self.executing = None  # model-space actions of the chunk being executed (K, A)
+        self.executing_state = None  # the state that chunk started from (1, S_model), or None
         self.latency_ms: list[float] = []  # per chunk: time the caller waited
         self.real_latents: list[torch.Tensor] = []  # (cams, z, h, w) per grounded chunk
         self.executed: list[np.ndarray] = []  # (K, A_model) per grounded chunk
+        self.start_states: list[torch.Tensor | None] = []  # (1, S_model) per chunk: its actions' start
         self.imagined_latents: list[torch.Tensor] = []  # (cams, z, h, w) per chunk handed to the robot
 
     def observe(self, observation: dict) -> None:
@@ -211,14 +222,15 @@ class Session:
         """The boundary frame in, the next action chunk out: (K, action_dim) float32 in robot units."""
         start = time.perf_counter()
         self.frames.append(self._images(observation))
+        state = self._state(observation)
         latent = self._encode_chunk_frames()
         if self._executor is None:
-            actions, imagined = self._ground_and_predict(latent)
+            actions, imagined = self._ground_and_predict(latent, state)
             self.imagined_latents.append(imagined[0].cpu())
         else:
-            actions = self._async_step(latent)
+            actions = self._async_step(latent, state)
         self.latency_ms.append((time.perf_counter() - start) * 1000)
-        self.executing = actions
+        self.executing, self.executing_state = actions, state
         return self.policy.layout.to_robot(actions)
 
     def select_action(self, observation: dict) -> np.ndarray:
@@ -251,6 +263,22 @@ class Session:
             images.append(image)
         return to_pixels(np.stack(images)[:, None])[:, :, 0]  # (cams, 3, H, W)
 
+    def _state(self, observation: dict) -> torch.Tensor | None:
+        """(1, S_model) normalised robot state of the observation, or None for a model without state input."""
+        layout = self.policy.state_layout
+        if layout is None:
+            return None
+        key = self.policy.state_key
+        if key not in observation:
+            raise LingbotError(f"observation has no {key!r} (keys: {', '.join(sorted(observation))})")
+        try:
+            state = np.asarray(observation[key], np.float32).reshape(1, -1)
+        except (TypeError, ValueError):
+            raise LingbotError(f"observation {key!r}: expected a float vector ({layout.action_dim},)") from None
+        if state.shape[1] != layout.action_dim or not np.isfinite(state).all():
+            raise LingbotError(f"observation {key!r}: expected {layout.action_dim} finite values, got {state.shape[1]}")
+        return torch.tensor(layout.to_model(state), device=self.policy.device)  # a torch-owned (aligned) copy
+
     def _encode_chunk_frames(self) -> torch.Tensor:
         """The real latent (1, cams, z, h, w) of the chunk that just ended, from the buffered frames."""
         if self.chunk == 0:
@@ -271,8 +299,9 @@ class Session:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + chunk)
 
     @torch.no_grad()
-    def _ground(self, latent: torch.Tensor, executed: np.ndarray | None) -> None:
-        """Replace the imagined entries of the current chunk by its real latent and executed actions."""
+    def _ground(self, latent: torch.Tensor, executed: np.ndarray | None, state: torch.Tensor | None) -> None:
+        """Replace the imagined entries of the current chunk by its real latent and executed actions
+        (which started from `state`; chunk 0 has none: padding, and the first observation's state)."""
         p, model = self.policy, self.policy.model
         if self.imagined_at is not None:
             self.cache.truncate(self.imagined_at)
@@ -280,11 +309,13 @@ class Session:
         if executed is None:  # chunk 0: no actions led to the first frame (padding, as in the cache)
             executed = p.layout.to_model(np.zeros((self.K, p.layout.action_dim), np.float32))
         action = torch.from_numpy(np.ascontiguousarray(executed))[None].to(p.device)
-        write_history(model, self.cache, k, self.text, latent, action, p.cfg.history_chunks)
+        write_history(model, self.cache, k, self.text, latent, action, p.cfg.history_chunks, state=state)
         if p.cfg.history_chunks:  # entries no later query may attend to (see attention_mask's window)
             self.cache.evict_before(2 * (k + 1) - 2 * p.cfg.history_chunks + 1)
         self.real_latents.append(latent[0].cpu())
         self.executed.append(np.asarray(executed, np.float32))
+        if k == 0:
+            self.start_states.append(state)
         self.imagined_at = None
         self.chunk = k + 1
 
@@ -292,28 +323,31 @@ class Session:
     def K(self) -> int:
         return self.policy.K
 
-    def _predict(self, chunk: int) -> tuple[np.ndarray, torch.Tensor]:
-        """Imagine the video of `chunk` (written into the cache) and decode its actions (K, A_model)."""
+    def _predict(self, chunk: int, state: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor]:
+        """Imagine the video of `chunk` (written into the cache) and decode its actions (K, A_model),
+        starting from robot state `state`."""
         p = self.policy
         x, a = chunk_noise(self._generator(chunk), self.real_latents[-1].shape, self.K,
                            p.model.cfg.action_channels, p.device)
         self.imagined_at = len(self.cache)
-        return denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg)
+        del self.start_states[chunk:]
+        self.start_states.append(state)
+        return denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg, state)
 
-    def _ground_and_predict(self, latent: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        self._ground(latent, self.executing)
-        return self._predict(self.chunk)
+    def _ground_and_predict(self, latent: torch.Tensor, state: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor]:
+        self._ground(latent, self.executing, self.executing_state if self.chunk else state)
+        return self._predict(self.chunk, state)
 
     # -- asynchronous pipelining ------------------------------------------------------------------
 
-    def _async_step(self, latent: torch.Tensor) -> np.ndarray:
+    def _async_step(self, latent: torch.Tensor, state: torch.Tensor | None) -> np.ndarray:
         if self.pending is None:  # first boundary: nothing precomputed yet, compute chunk 1 now
-            actions, imagined = self._ground_and_predict(latent)
+            actions, imagined = self._ground_and_predict(latent, state)
             self.cache.truncate(self.imagined_at)  # rewritten with its actions by _speculate
-            job = (None, None, actions, imagined)
+            job = (None, None, None, actions, imagined, state)
         else:
             actions, imagined = self.pending.result()
-            job = (latent, self.executing, actions, imagined)
+            job = (latent, self.executing, self.executing_state, actions, imagined, state)
         # The background thread keeps the caller's grad/inference mode: a cache made under
         # torch.inference_mode (as LeRobot's loops run) can only be updated under it.
         self.pending = self._executor.submit(self._in_mode, torch.is_inference_mode_enabled(), *job)
@@ -324,19 +358,22 @@ class Session:
             return self._speculate(*job)
 
     @torch.no_grad()
-    def _speculate(self, latent, executed, actions: np.ndarray, imagined: torch.Tensor):
-        """Background: ground the chunk whose frames arrived, keep the one executing, imagine the next."""
+    def _speculate(self, latent, executed, executed_state, actions: np.ndarray, imagined: torch.Tensor, state):
+        """Background: ground the chunk whose frames arrived, keep the one executing (started from
+        `state`, the state observed at this boundary), imagine the next (from the same state: its own
+        start state is not observed yet)."""
         p = self.policy
         if latent is not None:
-            self._ground(latent, executed)
+            self._ground(latent, executed, executed_state)
         # The chunk being executed: its imagined video and its actions become provisional history
         # (not evicted against: grounding this chunk later still attends to the window before it).
         k, provisional = self.chunk, len(self.cache)
         action = torch.from_numpy(np.ascontiguousarray(actions))[None].to(p.device)
         level = flow_times(p.cfg.video_steps, p.cfg.shift)[p.cfg.video_exec_step]
-        write_history(p.model, self.cache, k, self.text, imagined, action, p.cfg.history_chunks, level)
+        write_history(p.model, self.cache, k, self.text, imagined, action, p.cfg.history_chunks, level, state)
+        self.start_states[k:] = [state]
         self.imagined_latents.append(imagined[0].cpu())
-        next_actions, next_imagined = self._predict(k + 1)
+        next_actions, next_imagined = self._predict(k + 1, state)
         self.imagined_at = provisional  # grounding chunk k drops its provisional entries and all after
         return next_actions, next_imagined
 
@@ -352,16 +389,20 @@ def recompute_chunk(session: Session, chunk: int) -> tuple[np.ndarray, torch.Ten
     real = torch.stack(session.real_latents[:chunk])[None].to(p.device)  # (1, chunk, cams, z, h, w)
     executed = torch.from_numpy(np.stack(session.executed[:chunk]))[None].to(p.device)  # (1, chunk, K, A)
     x, a = chunk_noise(session._generator(chunk), real.shape[2:], p.K, p.model.cfg.action_channels, p.device)
-    return recompute_sequence(p.model, real, executed, p.task_embedding(session.task), x, a, p.cfg)
+    states = None
+    if p.state_layout is not None:
+        states = torch.stack([s[0] for s in session.start_states[: chunk + 1]])[None]  # (1, chunk + 1, S)
+    return recompute_sequence(p.model, real, executed, p.task_embedding(session.task), x, a, p.cfg, states)
 
 
 @torch.no_grad()
 def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Tensor, text: torch.Tensor,
-                       x: torch.Tensor, a: torch.Tensor, cfg: PolicyConfig) -> tuple[np.ndarray, torch.Tensor]:
+                       x: torch.Tensor, a: torch.Tensor, cfg: PolicyConfig, states=None) -> tuple[np.ndarray, torch.Tensor]:
     """Reference without a cache: `denoise_chunk` where every Euler step is a teacher-forced forward.
 
     real (1, k, cams, z, h, w) and executed (1, k, K, A): the grounded history of chunks < k; the chunk
-    denoised is k, from noise x, a; text: the raw task embedding. Costs a full-sequence pass per step.
+    denoised is k, from noise x, a; states (1, k + 1, S): each chunk's start state (models with a state
+    input); text: the raw task embedding. Costs a full-sequence pass per step.
     """
     import copy
     import dataclasses
@@ -378,7 +419,7 @@ def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Te
         noisy_action = torch.cat([torch.zeros_like(executed), action_k[:, None]], 1)
         t_video, t_history, t_action = zeros_t.clone(), zeros_t.clone(), zeros_t.clone()
         t_video[:, -1], t_history[:, -1], t_action[:, -1] = t_video_k, t_history_k, t_action_k
-        v, va = model(noisy_video, clean_video, noisy_action, clean_action, t_video, t_action, t_history, text)
+        v, va = model(noisy_video, clean_video, noisy_action, clean_action, t_video, t_action, t_history, text, states)
         return v[:, -1], va[:, -1]
 
     tv = flow_times(cfg.video_steps, cfg.shift).to(x.device)

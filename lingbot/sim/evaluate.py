@@ -27,7 +27,7 @@ import numpy as np
 from lingbot.config import EvalConfig
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir, write_json
-from lingbot.sim.metaworld import SIM_HZ, MetaWorldEnv, task_description
+from lingbot.sim.metaworld import SIM_HZ, STATE_DIM, MetaWorldEnv, task_description
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -52,26 +52,26 @@ def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = Fa
     repeat = max(1, round(SIM_HZ / meta["fps"]))
     session = policy.new_session(task_description(task), seed=seed)
     keys = dict(zip(_camera_names(policy.cameras), policy.cameras))
+    state_key = meta.get("state_key", "observation.state")
     frames = []
 
-    def observation():
+    def observation(raw):
         images = env.render()
         if record:
             frames.append(images[next(iter(keys))])
-        return {keys[name]: image for name, image in images.items()}
+        return {**{keys[name]: image for name, image in images.items()}, state_key: raw[:STATE_DIM]}
 
     try:
-        env.reset(seed)
-        obs = observation()
+        obs = observation(env.reset(seed))
         steps, success = 0, False
         start = time.perf_counter()
         while steps < cfg.max_steps and not success:
             chunk = session.infer(obs)
             for i, action in enumerate(chunk):
-                _, reached = env.step(np.clip(action, -1.0, 1.0), repeat)
+                raw, reached = env.step(np.clip(action, -1.0, 1.0), repeat)
                 steps += 1
                 success = success or reached
-                obs = observation()
+                obs = observation(raw)
                 if success or steps >= cfg.max_steps:
                     break
                 if i < len(chunk) - 1:
