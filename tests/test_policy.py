@@ -124,6 +124,25 @@ def test_bad_observation_is_one_clear_error(tiny_bundle):
         session.infer(short)
 
 
+def test_a_bundle_from_before_the_state_input_still_loads_and_acts(tiny_bundle, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old-bundle"
+    shutil.copytree(tiny_bundle, old)
+    meta = json.loads((old / "policy.json").read_text())
+    del meta["model"]["state_channels"], meta["state_dim"]
+    (old / "policy.json").write_text(json.dumps(meta))
+    weights = {k: v for k, v in load_file(str(old / "model.safetensors")).items() if not k.startswith("state_in.")}
+    save_file(weights, str(old / "model.safetensors"))
+    policy = load_policy(old)
+    assert policy.model.cfg.state_channels == 0 and policy.state_layout is None
+    obs = _frames(load_policy(tiny_bundle), 1)[0]
+    obs.pop(policy.state_key)  # such a policy needs no state
+    assert policy.new_session().infer(obs).shape == (policy.K, policy.meta["action_dim"])
+
+
 def test_the_robot_state_reaches_the_actions_of_its_chunk(tiny_bundle):
     policy = load_policy(tiny_bundle, video_steps=2, video_exec_step=1, action_steps=2)
     assert policy.model.cfg.state_channels and policy.state_layout.action_dim == policy.meta["state_dim"]
