@@ -277,7 +277,7 @@ class Session:
             raise LingbotError(f"observation {key!r}: expected a float vector ({layout.action_dim},)") from None
         if state.shape[1] != layout.action_dim or not np.isfinite(state).all():
             raise LingbotError(f"observation {key!r}: expected {layout.action_dim} finite values, got {state.shape[1]}")
-        return torch.tensor(layout.to_model(state), device=self.policy.device)  # a torch-owned (aligned) copy
+        return torch.from_numpy(layout.to_model(state)).to(self.policy.device)
 
     def _encode_chunk_frames(self) -> torch.Tensor:
         """The real latent (1, cams, z, h, w) of the chunk that just ended, from the buffered frames."""
