@@ -89,9 +89,9 @@ class LingbotPolicy(PreTrainedPolicy):
             raise LingbotError(f"lingbot policy: chunk_size {config.chunk_size}, but the bundle acts in chunks "
                                f"of {rt.K} actions")
         action = (config.output_features or {}).get(ACTION)
-        if action is not None and tuple(action.shape)[-1:] != (rt.layout.action_dim,):
+        if action is not None and tuple(action.shape)[-1:] != (rt.layout.robot_dim,):
             raise LingbotError(f"lingbot policy: the env/dataset action has shape {tuple(action.shape)}, the "
-                               f"bundle's robot has {rt.layout.action_dim} action channels")
+                               f"bundle's robot has {rt.layout.robot_dim} action channels")
         unknown = sorted(set(config.camera_map) - set(rt.cameras))
         if unknown:
             raise LingbotError(f"lingbot policy: camera_map names {', '.join(unknown)}, not a camera of the bundle "
@@ -173,7 +173,7 @@ class LingbotPolicy(PreTrainedPolicy):
         if rt.state_layout is not None:  # LeRobot's robot state, under the key the bundle was trained with
             if OBS_STATE not in batch:
                 raise LingbotError(f"lingbot policy: the observation has no {OBS_STATE!r} (the bundle's model "
-                                   f"takes the robot state: {rt.state_layout.action_dim} values)")
+                                   f"takes the robot state: {rt.state_layout.robot_dim} values)")
             per_camera[rt.state_key] = batch[OBS_STATE].detach().float().cpu().numpy()
         rows = {len(v) for v in per_camera.values()}
         if len(rows) != 1:

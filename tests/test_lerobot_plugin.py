@@ -189,7 +189,7 @@ def test_features_from_the_training_dataset_need_no_camera_map(tiny_bundle, inge
     meta = LeRobotDatasetMetadata("local/tiny", root=ingested / "dataset")
     policy = make_policy(make_policy_config("lingbot", bundle=str(tiny_bundle), device="cpu"), ds_meta=meta)
     assert set(policy.runtime.cameras) <= set(policy.config.image_features)
-    assert policy.config.action_feature.shape == (policy.runtime.layout.action_dim,)
+    assert policy.config.action_feature.shape == (policy.runtime.layout.robot_dim,)
 
 
 def test_unmapped_camera_and_wrong_chunk_size_are_clear_errors(tiny_bundle):

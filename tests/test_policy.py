@@ -90,7 +90,7 @@ def test_action_layout_keeps_time_rows_and_feature_columns(latent_cache, ingeste
     from lingbot.data.latents import normalize
 
     model_space = normalize(cached, stats).numpy()
-    layout = ChannelLayout(stats, action_dim=model_space.shape[-1], model_channels=16)
+    layout = ChannelLayout(stats, robot_dim=model_space.shape[-1], model_channels=16)
     padded = np.zeros((*model_space.shape[:2], 16), np.float32)
     padded[..., : model_space.shape[-1]] = model_space
     index, _, actions = read_state_action(open_layout(ingested / "dataset"), "observation.state", "action")
@@ -145,7 +145,7 @@ def test_a_bundle_from_before_the_state_input_still_loads_and_acts(tiny_bundle, 
 
 def test_the_robot_state_reaches_the_actions_of_its_chunk(tiny_bundle):
     policy = load_policy(tiny_bundle, video_steps=2, video_exec_step=1, action_steps=2)
-    assert policy.model.cfg.state_channels and policy.state_layout.action_dim == policy.meta["state_dim"]
+    assert policy.model.cfg.state_channels and policy.state_layout.robot_dim == policy.meta["state_dim"]
     # Three training steps leave the zero-initialised state projection ~0: give it weight, to see the plumbing.
     torch.nn.init.normal_(policy.model.state_in.weight, std=0.5)
     obs = _frames(policy, 1)[0]

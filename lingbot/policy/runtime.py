@@ -96,32 +96,32 @@ class ChannelLayout:
     """The model's action (or state) channels <-> the robot's action (or state) vector, explicitly.
 
     The model predicts (K, A_model) per chunk: row i is action step i of the chunk (time major), columns
-    0..action_dim-1 are the robot's channels in the dataset's feature order, quantile-normalised to
+    0..robot_dim-1 are the robot's channels in the dataset's feature order, quantile-normalised to
     -1..1; the remaining channels are unused padding. `to_robot` keeps the time order of the rows: the
     first row is executed first. The robot state enters the model the same way (`to_model`).
     """
 
-    def __init__(self, stats: dict, action_dim: int, model_channels: int, what: str = "action"):
-        if action_dim > model_channels:
-            raise LingbotError(f"robot {what} has {action_dim} channels, the model only {model_channels}")
+    def __init__(self, stats: dict, robot_dim: int, model_channels: int, what: str = "action"):
+        if robot_dim > model_channels:
+            raise LingbotError(f"robot {what} has {robot_dim} channels, the model only {model_channels}")
         self.lo = np.asarray(stats["q01"], np.float32)
         self.hi = np.asarray(stats["q99"], np.float32)
-        if self.lo.shape != (action_dim,):
-            raise LingbotError(f"normalization stats have {self.lo.shape[0]} {what} channels, expected {action_dim}")
-        self.action_dim, self.model_channels, self.what = action_dim, model_channels, what
+        if self.lo.shape != (robot_dim,):
+            raise LingbotError(f"normalization stats have {self.lo.shape[0]} {what} channels, expected {robot_dim}")
+        self.robot_dim, self.model_channels, self.what = robot_dim, model_channels, what
 
     def to_robot(self, model_actions: np.ndarray) -> np.ndarray:
-        """(K, A_model) normalised -> (K, action_dim) in robot units."""
-        x = np.asarray(model_actions, np.float32)[:, : self.action_dim]
+        """(K, A_model) normalised -> (K, robot_dim) in robot units."""
+        x = np.asarray(model_actions, np.float32)[:, : self.robot_dim]
         return (x + 1) / 2 * np.maximum(self.hi - self.lo, 1e-6) + self.lo
 
     def to_model(self, robot_actions: np.ndarray) -> np.ndarray:
-        """(K, action_dim) robot units -> (K, A_model) normalised, padding channels zero."""
+        """(K, robot_dim) robot units -> (K, A_model) normalised, padding channels zero."""
         x = np.asarray(robot_actions, np.float32)
-        if x.ndim != 2 or x.shape[1] != self.action_dim:
-            raise LingbotError(f"{self.what} of shape {x.shape}, expected (steps, {self.action_dim})")
+        if x.ndim != 2 or x.shape[1] != self.robot_dim:
+            raise LingbotError(f"{self.what} of shape {x.shape}, expected (steps, {self.robot_dim})")
         out = np.zeros((len(x), self.model_channels), np.float32)
-        out[:, : self.action_dim] = 2 * (x - self.lo) / np.maximum(self.hi - self.lo, 1e-6) - 1
+        out[:, : self.robot_dim] = 2 * (x - self.lo) / np.maximum(self.hi - self.lo, 1e-6) - 1
         return out
 
 
@@ -274,9 +274,9 @@ class Session:
         try:
             state = np.asarray(observation[key], np.float32).reshape(1, -1)
         except (TypeError, ValueError):
-            raise LingbotError(f"observation {key!r}: expected a float vector ({layout.action_dim},)") from None
-        if state.shape[1] != layout.action_dim or not np.isfinite(state).all():
-            raise LingbotError(f"observation {key!r}: expected {layout.action_dim} finite values, got {state.shape[1]}")
+            raise LingbotError(f"observation {key!r}: expected a float vector ({layout.robot_dim},)") from None
+        if state.shape[1] != layout.robot_dim or not np.isfinite(state).all():
+            raise LingbotError(f"observation {key!r}: expected {layout.robot_dim} finite values, got {state.shape[1]}")
         return torch.from_numpy(layout.to_model(state)).to(self.policy.device)
 
     def _encode_chunk_frames(self) -> torch.Tensor:
@@ -307,7 +307,7 @@ class Session:
             self.cache.truncate(self.imagined_at)
         k = self.chunk
         if executed is None:  # chunk 0: no actions led to the first frame (padding, as in the cache)
-            executed = p.layout.to_model(np.zeros((self.K, p.layout.action_dim), np.float32))
+            executed = p.layout.to_model(np.zeros((self.K, p.layout.robot_dim), np.float32))
         action = torch.from_numpy(np.ascontiguousarray(executed))[None].to(p.device)
         write_history(model, self.cache, k, self.text, latent, action, p.cfg.history_chunks, state=state)
         if p.cfg.history_chunks:  # entries no later query may attend to (see attention_mask's window)

@@ -52,14 +52,13 @@ def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = Fa
     repeat = max(1, round(SIM_HZ / meta["fps"]))
     session = policy.new_session(task_description(task), seed=seed)
     keys = dict(zip(_camera_names(policy.cameras), policy.cameras))
-    state_key = meta.get("state_key", "observation.state")
     frames = []
 
     def observation(raw):
         images = env.render()
         if record:
             frames.append(images[next(iter(keys))])
-        return {**{keys[name]: image for name, image in images.items()}, state_key: raw[:STATE_DIM]}
+        return {**{keys[name]: image for name, image in images.items()}, policy.state_key: raw[:STATE_DIM]}
 
     try:
         obs = observation(env.reset(seed))

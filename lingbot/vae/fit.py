@@ -94,7 +94,7 @@ def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True) -
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, cfg.steps)))
     )
-    device = next(vae.parameters()).device
+    device = vae.device
     # bf16 autocast: 1.26x faster steps on a CPU with AVX512-BF16 (and the usual win on GPUs); the
     # weights, the loss and the optimizer stay fp32, scoring and latent statistics run in fp32.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -127,7 +127,7 @@ def evaluate(vae, clips: list[np.ndarray]) -> tuple[dict, torch.Tensor, torch.Te
     originals, recons = [], []
     for clip in clips:
         n = usable_frames(min(len(clip), EVAL_FRAMES))
-        x = to_pixels(clip[:n]).to(next(vae.parameters()).device)
+        x = to_pixels(clip[:n]).to(vae.device)
         z = vae.encode(x).latent_dist.mean
         originals.append(x[0].transpose(0, 1).cpu())  # (T, 3, H, W)
         recons.append(vae.decode(z).sample.clamp(-1, 1)[0].transpose(0, 1).cpu())
@@ -142,7 +142,7 @@ def measure_latent_stats(vae, clips: list[np.ndarray]) -> tuple[list[float], lis
     count = 0
     for clip in clips:
         n = usable_frames(len(clip))
-        z = encode_clip(vae, to_pixels(clip[:n]).to(next(vae.parameters()).device), normalize=False)  # (1, z, t, h, w)
+        z = encode_clip(vae, to_pixels(clip[:n]).to(vae.device), normalize=False)  # (1, z, t, h, w)
         z = z.transpose(0, 1).reshape(z.shape[1], -1).double().cpu()
         total = z.sum(1) if total is None else total + z.sum(1)
         total_sq = (z**2).sum(1) if total_sq is None else total_sq + (z**2).sum(1)

@@ -45,7 +45,7 @@ def build_vae(cfg: VAEConfig):
         in_channels=channels,
         out_channels=channels,
         patch_size=patch,
-        scale_factor_spatial=2**downsamples * (patch or 1),
+        scale_factor_spatial=spatial_ratio({"dim_mult": cfg.dim_mult, "patch_size": patch}),
         latents_mean=[0.0] * cfg.z_dim,
         latents_std=[1.0] * cfg.z_dim,
     )
