@@ -8,6 +8,8 @@ import resource
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 
 def _table(rows: list[tuple[str, object]]) -> str:
     width = max(len(k) for k, _ in rows)
@@ -306,13 +308,65 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
     return result
 
 
+def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int) -> dict:
+    """The plain image BC baseline on the world model's fine-tuning demos and its evaluation seeds.
+
+    Reads the embedded run's outputs (data/demos, data/latents, reports/eval.json): run `dvc repro`
+    first. The world model's figures in the result are those of reports/eval.json.
+    """
+    from lingbot.baseline import BCConfig, load_bc, load_demos, save_bc, train_bc
+    from lingbot.config import load_run_config
+    from lingbot.sim.evaluate import evaluate
+
+    run_cfg = load_run_config(params)
+    cfg = BCConfig() if steps is None else BCConfig(steps=steps)
+    eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers,
+                                   episodes=episodes or run_cfg.evaluate.episodes)
+    data = load_demos(Path("data/demos"), Path("data/latents"), run_cfg.finetune)
+    model, losses, seconds = train_bc(data, cfg, progress=False)
+    with tempfile.TemporaryDirectory(prefix="lingbot-bench-bc-") as tmp:
+        save_bc(model, data, cfg, Path(tmp) / "bc")
+        summary = evaluate(Path(tmp) / "bc", eval_cfg, Path(tmp) / "eval", progress=False, load=load_bc)
+    result = {
+        "bench": "bc",
+        "tasks": ",".join(eval_cfg.tasks),
+        "train_episodes": len(data["episodes"]),
+        "train_samples": len(data["images"]),
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(seconds, 1),
+        "final_loss": round(float(np.mean(losses[-50:])), 4),
+        "eval_episodes": summary["episodes"],
+        "eval_seed": eval_cfg.seed,
+        "success_rate": round(summary["success_rate"], 4),
+        "success_ci_low": summary["success_ci_low"],
+        "success_ci_high": summary["success_ci_high"],
+        "mean_episode_length": summary["mean_episode_length"],
+    }
+    world = Path("reports/eval.json")
+    if world.is_file():
+        reported = json.loads(world.read_text())
+        result["world_model_success_rate"] = round(reported["success_rate"], 4)
+        result["world_model_episodes"] = reported["episodes"]
+    for name in ("pretrain", "finetune"):  # the world model's training budget, for comparison
+        path = Path(f"reports/{name}.json")
+        if path.is_file():
+            r = json.loads(path.read_text())
+            result[f"world_model_{name}_seconds"] = round(r["steps"] * getattr(run_cfg, name).batch_size
+                                                          / r["samples_per_s"], 1)
+    return result
+
+
 def run(what: str, args) -> int:
     if what == "data":
-        result = bench_data(args.episodes, args.workers)
+        result = bench_data(args.episodes or 4, args.workers)
     elif what == "latents":
-        result = bench_latents(args.episodes, args.workers)
+        result = bench_latents(args.episodes or 4, args.workers)
     elif what == "train":
-        result = bench_train(args.preset, args.steps)
+        result = bench_train(args.preset, args.steps or 10)
+    elif what == "bc":
+        result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers)
     elif what == "realtime":
         result = bench_realtime(args.preset)
     else:  # argparse restricts the choices; kept for direct callers

@@ -172,7 +172,8 @@ def cmd_evaluate(args) -> int:
 
     run = _run_config(args)
     cfg = run.evaluate
-    changes = {name: getattr(args, name) for name in ("episodes", "workers", "videos") if getattr(args, name) is not None}
+    changes = {name: getattr(args, name) for name in ("episodes", "seed", "workers", "videos")
+               if getattr(args, name) is not None}
     if args.task:
         changes["tasks"] = tuple(args.task)
     cfg = dataclasses.replace(cfg, **changes)
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="latent cache the checkpoint was trained on (stats, task embeddings)")
     p.add_argument("--task", action="append", help="MetaWorld task id (repeatable; default: params)")
     p.add_argument("--episodes", type=int, help="episodes per task")
+    p.add_argument("--seed", type=int, help="first episode seed (default: params; another base gives a tuning set)")
     p.add_argument("--workers", type=int, help="rollout processes")
     p.add_argument("--videos", type=int, help="rollout videos to write")
     p.add_argument("--out", required=True, help="results directory (episodes.json, videos/)")
@@ -354,10 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
-    p.add_argument("what", choices=["data", "latents", "train", "realtime"])
+    p.add_argument("what", choices=["data", "latents", "train", "realtime", "bc"],
+                   help="bc: the plain image behaviour-cloning baseline on the embedded run's demos")
     p.add_argument("--preset", default="small", help="bench train/realtime: model preset")
-    p.add_argument("--steps", type=int, default=10, help="bench train: timed steps")
-    p.add_argument("--episodes", type=int, default=4, help="episodes per task")
+    p.add_argument("--params", default="params.yaml", help="bench bc: the run whose demos and seeds it uses")
+    p.add_argument("--steps", type=int, help="bench train: timed steps (10); bench bc: training steps")
+    p.add_argument("--episodes", type=int, help="episodes per task (data, latents: 4; bc: the params' evaluation)")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_bench)
     return parser

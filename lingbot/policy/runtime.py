@@ -92,6 +92,32 @@ def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
     return a[0].clamp(-1, 1).cpu().numpy(), x
 
 
+def observation_images(observation: dict, cameras: list[str]) -> np.ndarray:
+    """(cameras, H, W, 3) uint8 from an observation's camera keys; a missing or malformed one is one error."""
+    images = []
+    for key in cameras:
+        if key not in observation:
+            raise LingbotError(f"observation has no {key!r} (keys: {', '.join(sorted(observation))})")
+        image = np.asarray(observation[key])
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise LingbotError(f"observation {key!r}: expected uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        images.append(image)
+    return np.stack(images)
+
+
+def observation_state(observation: dict, key: str, dim: int) -> np.ndarray:
+    """(1, dim) float32 robot state of an observation; missing, short or non-finite is one error."""
+    if key not in observation:
+        raise LingbotError(f"observation has no {key!r} (keys: {', '.join(sorted(observation))})")
+    try:
+        state = np.asarray(observation[key], np.float32).reshape(1, -1)
+    except (TypeError, ValueError):
+        raise LingbotError(f"observation {key!r}: expected a float vector ({dim},)") from None
+    if state.shape[1] != dim or not np.isfinite(state).all():
+        raise LingbotError(f"observation {key!r}: expected {dim} finite values, got {state.shape[1]}")
+    return state
+
+
 class ChannelLayout:
     """The model's action (or state) channels <-> the robot's action (or state) vector, explicitly.
 
@@ -253,30 +279,14 @@ class Session:
         """(cameras, 3, H, W) in [-1, 1] from the observation's camera keys."""
         from lingbot.vae.wan import to_pixels
 
-        images = []
-        for key in self.policy.cameras:
-            if key not in observation:
-                raise LingbotError(f"observation has no {key!r} (keys: {', '.join(sorted(observation))})")
-            image = np.asarray(observation[key])
-            if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-                raise LingbotError(f"observation {key!r}: expected uint8 (H, W, 3), got {image.dtype} {image.shape}")
-            images.append(image)
-        return to_pixels(np.stack(images)[:, None])[:, :, 0]  # (cams, 3, H, W)
+        return to_pixels(observation_images(observation, self.policy.cameras)[:, None])[:, :, 0]  # (cams, 3, H, W)
 
     def _state(self, observation: dict) -> torch.Tensor | None:
         """(1, S_model) normalised robot state of the observation, or None for a model without state input."""
         layout = self.policy.state_layout
         if layout is None:
             return None
-        key = self.policy.state_key
-        if key not in observation:
-            raise LingbotError(f"observation has no {key!r} (keys: {', '.join(sorted(observation))})")
-        try:
-            state = np.asarray(observation[key], np.float32).reshape(1, -1)
-        except (TypeError, ValueError):
-            raise LingbotError(f"observation {key!r}: expected a float vector ({layout.robot_dim},)") from None
-        if state.shape[1] != layout.robot_dim or not np.isfinite(state).all():
-            raise LingbotError(f"observation {key!r}: expected {layout.robot_dim} finite values, got {state.shape[1]}")
+        state = observation_state(observation, self.policy.state_key, layout.robot_dim)
         return torch.from_numpy(layout.to_model(state)).to(self.policy.device)
 
     def _encode_chunk_frames(self) -> torch.Tensor:

@@ -93,13 +93,14 @@ def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = Fa
 _WORKER: dict = {}
 
 
-def _init_worker(bundle: str, threads: int) -> None:
+def _init_worker(bundle: str, threads: int, load) -> None:
     import torch
 
-    from lingbot.policy.runtime import load_policy
+    if load is None:
+        from lingbot.policy.runtime import load_policy as load
 
     torch.set_num_threads(threads)
-    _WORKER["policy"] = load_policy(bundle)
+    _WORKER["policy"] = load(bundle)
 
 
 def _work(job: tuple[str, int, EvalConfig, bool]) -> dict:
@@ -107,8 +108,12 @@ def _work(job: tuple[str, int, EvalConfig, bool]) -> dict:
     return run_episode(_WORKER["policy"], task, seed, cfg, record)
 
 
-def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
-    """Roll out every (task, episode) of `cfg`, write `out` (see module docstring), return the summary."""
+def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, load=None) -> dict:
+    """Roll out every (task, episode) of `cfg`, write `out` (see module docstring), return the summary.
+
+    `load(path)` makes the policy in each worker (a module-level function): by default a world-model
+    bundle's `load_policy`; `lingbot.baseline.load_bc` rolls out the BC baseline (no videos).
+    """
     import multiprocessing as mp
 
     from tqdm import tqdm
@@ -116,7 +121,10 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True) ->
     from lingbot.policy.bundle import read_bundle
     from lingbot.sim.metaworld import task_names
 
-    read_bundle(bundle)  # fail fast, in this process, on a broken bundle
+    if load is None:
+        read_bundle(bundle)  # fail fast, in this process, on a broken bundle
+    elif cfg.videos:
+        raise LingbotError("evaluate: videos need a world-model bundle (its imagined video)")
     known = set(task_names())
     for task in cfg.tasks:
         if task not in known:
@@ -127,7 +135,7 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True) ->
     workers = max(1, min(cfg.workers, len(jobs)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     results = []
-    with mp.get_context("spawn").Pool(workers, _init_worker, (str(bundle), threads)) as pool:
+    with mp.get_context("spawn").Pool(workers, _init_worker, (str(bundle), threads, load)) as pool:
         bar = tqdm(total=len(jobs), desc="evaluate", unit="episode", disable=not progress)
         for result in pool.imap_unordered(_work, jobs):
             results.append(result)
