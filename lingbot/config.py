@@ -169,13 +169,15 @@ class TrainConfig:
 class PolicyConfig:
     """How the released policy acts: denoising budgets, the history it keeps, synchronous or not."""
 
-    video_steps: int = 10  # Euler steps of the video flow (the full schedule)
-    video_exec_step: int = 5  # stop the video after this many steps and decode actions from it
+    # The imagined video is denoised in full by default: on the embedded drawer-open model (100 tuning
+    # episodes, seeds 200000+) 6 full steps at shift 3 succeed in 90%, 10 full steps in 86%, while
+    # stopping at 5 of 10 (noise-latent acceleration, shift 1) gave 68% and at 3 of 10 45%. Stopping
+    # part way (video_exec_step < video_steps) buys latency at that price; keep shift 1 then: stopped
+    # half way the video is at noise level 0.5, the top of the noisy-history range seen in training.
+    video_steps: int = 6  # Euler steps of the video flow (the full schedule)
+    video_exec_step: int = 6  # stop the video after this many steps and decode actions from it
     action_steps: int = 10  # Euler steps of the action flow
-    # Sampling schedule shift. 1 (uniform): stopped half way the imagined video is at noise level 0.5, the
-    # top of the noisy-history range the model was trained with; a training-like shift of 3 would leave
-    # it at 0.75, noisier than any history it has seen.
-    shift: float = 1.0
+    shift: float = 3.0  # sampling schedule shift (s > 1: more steps at high noise), training's by default
     history_chunks: int = 6  # KV-cache ring window in chunks (0: the whole episode)
     asynchronous: bool = False  # compute chunk k+1 while chunk k executes
     seed: int = 0
