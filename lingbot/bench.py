@@ -348,10 +348,12 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
         "mean_episode_length": summary["mean_episode_length"],
     }
     world = Path("reports/eval.json")
-    if world.is_file():
-        reported = json.loads(world.read_text())
-        result["world_model_success_rate"] = round(reported["success_rate"], 4)
-        result["world_model_episodes"] = reported["episodes"]
+    reported = json.loads(world.read_text()) if world.is_file() else {}
+    if all(f"{task}/success_rate" in reported for task in eval_cfg.tasks):  # the same tasks were evaluated
+        n = [reported[f"{task}/episodes"] for task in eval_cfg.tasks]
+        wins = sum(reported[f"{task}/success_rate"] * k for task, k in zip(eval_cfg.tasks, n))
+        result["world_model_success_rate"] = round(wins / sum(n), 4)
+        result["world_model_episodes"] = sum(n)
     for name in ("pretrain", "finetune"):  # the world model's training budget, for comparison
         path = Path(f"reports/{name}.json")
         if path.is_file():
