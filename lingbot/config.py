@@ -95,6 +95,9 @@ class VAEConfig:
     steps: int = 400
     lr: float = 2e-3
     kl_weight: float = 1e-6
+    # L1 between the spatial gradients of reconstruction and original (0: off): weighs edges and
+    # objects a few pixels wide (a puck, a goal marker), which a per-pixel loss averages away.
+    grad_weight: float = 0.0
     bf16: bool = True  # bf16 autocast in training (CPU with AVX512-BF16, or GPU)
     seed: int = 0
     eval_episodes: int = 8  # held-out episodes scored for PSNR/SSIM

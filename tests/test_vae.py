@@ -96,3 +96,17 @@ def test_fit_vae_trains_scores_and_normalises(ingested, tmp_path, tiny_config):
     z = torch.cat([encode_clip(vae, to_pixels(c[: 1 + 4 * ((len(c) - 1) // 4)]))[0].flatten(1) for c in clips], 1)
     np.testing.assert_allclose(z.mean(1).numpy(), 0, atol=1e-3)
     np.testing.assert_allclose(z.std(1).numpy(), 1, atol=2e-2)
+
+
+def test_gradient_loss_is_zero_only_for_the_same_edges():
+    import torch.nn.functional as F
+
+    from lingbot.vae.fit import gradient_loss
+
+    x = -torch.ones(1, 3, 1, 16, 16)
+    x[..., 7:9, 7:9] = 1.0  # a 2x2 marker
+    blurred = F.avg_pool3d(F.pad(x, (2, 2, 2, 2, 0, 0), mode="replicate"), (1, 5, 5), stride=1)
+    assert gradient_loss(x, x).item() == 0.0
+    assert gradient_loss(blurred, x).item() > 0.01
+    shifted = torch.roll(x, 1, dims=-1)  # the marker one pixel off: same pixel statistics
+    assert gradient_loss(shifted, x).item() > 0.0

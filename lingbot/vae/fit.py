@@ -72,6 +72,13 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(s.mean())
 
 
+def gradient_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean L1 difference of the horizontal and vertical pixel differences of (B, 3, T, H, W) clips."""
+    dx = (recon.diff(dim=-1) - x.diff(dim=-1)).abs().mean()
+    dy = (recon.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
+    return dx + dy
+
+
 def _sample_batch(clips: list[np.ndarray], cfg: VAEConfig, rng: np.random.Generator) -> torch.Tensor:
     batch = []
     for _ in range(cfg.batch_size):
@@ -82,7 +89,8 @@ def _sample_batch(clips: list[np.ndarray], cfg: VAEConfig, rng: np.random.Genera
 
 
 def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True) -> list[dict]:
-    """Reconstruction (MSE + L1) + KL on random clips; AdamW with cosine decay. Returns the loss log."""
+    """Reconstruction (MSE + L1, + image-gradient L1 if `grad_weight`) + KL on random clips; AdamW with
+    cosine decay. Returns the loss log."""
     from tqdm import tqdm
 
     clips = [c for c in clips if len(c) >= cfg.clip_frames]
@@ -107,6 +115,8 @@ def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True) -
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample.float()
         rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        if cfg.grad_weight:
+            rec = rec + cfg.grad_weight * gradient_loss(recon, x)
         kl = posterior.kl().float().mean() / x[0].numel()
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
