@@ -83,11 +83,11 @@ def _layout(stats: dict, what: str):
     return ChannelLayout(stats, dim, dim, what)
 
 
-def load_demos(demos: Path, cache: Path, train_cfg) -> dict:
+def load_demos(demos: Path, cache: Path, train_cfg, chunk: int = BCConfig.chunk) -> dict:
     """The fine-tuning episodes of `train_cfg` (selected in the latent cache) as BC samples, in memory.
 
-    images (N, cams, H, W, 3) uint8, state (N, S) and actions (N, K, A) normalised (the last action of an
-    episode repeated past its end), plus the cameras, keys and stats the policy needs.
+    images (N, cams, H, W, 3) uint8, state (N, S) and actions (N, chunk, A) normalised (the last action
+    of an episode repeated past its end), plus the cameras, keys and stats the policy needs.
     """
     from lingbot.data.latents import open_manifest
     from lingbot.data.lerobot_io import read_state_action
@@ -101,6 +101,8 @@ def load_demos(demos: Path, cache: Path, train_cfg) -> dict:
     episode_index, states, actions = read_state_action(layout, keys["state"], keys["action"])
     cameras = list(keys["cameras"])
     clips = load_frames(layout, cameras, episodes)  # camera-major: clips[c * len(episodes) + i]
+    state_layout = _layout(stats[keys["state"]], "state")
+    action_layout = _layout(stats[keys["action"]], "action")
     images, state_rows, action_rows = [], [], []
     for i, ep in enumerate(episodes):
         rows = np.flatnonzero(episode_index == ep)
@@ -109,9 +111,9 @@ def load_demos(demos: Path, cache: Path, train_cfg) -> dict:
         if n == 0:
             raise LingbotError(f"{demos}: episode {ep} has no frames")
         images.append(np.stack([f[:n] for f in frames], axis=1))
-        state_rows.append(_layout(stats[keys["state"]], "state").to_model(states[rows[:n]]))
-        ep_actions = _layout(stats[keys["action"]], "action").to_model(actions[rows[:n]])
-        ahead = np.minimum(np.arange(n)[:, None] + np.arange(BCConfig.chunk)[None], n - 1)
+        state_rows.append(state_layout.to_model(states[rows[:n]]))
+        ep_actions = action_layout.to_model(actions[rows[:n]])
+        ahead = np.minimum(np.arange(n)[:, None] + np.arange(chunk)[None], n - 1)
         action_rows.append(ep_actions[ahead])
     return {"images": np.concatenate(images), "state": np.concatenate(state_rows),
             "actions": np.concatenate(action_rows), "episodes": episodes, "cameras": cameras,
@@ -141,7 +143,9 @@ def train_bc(data: dict, cfg: BCConfig, progress: bool = True) -> tuple[ImageBC,
     generator = torch.Generator().manual_seed(cfg.seed)
     images = torch.from_numpy(data["images"]).permute(0, 1, 4, 2, 3)  # (N, cams, 3, H, W) uint8
     state = torch.from_numpy(data["state"])
-    actions = torch.from_numpy(data["actions"][:, : cfg.chunk])
+    actions = torch.from_numpy(data["actions"])
+    if actions.shape[1] != cfg.chunk:
+        raise LingbotError(f"bc: samples hold chunks of {actions.shape[1]} actions, the config predicts {cfg.chunk}")
     model = ImageBC(images.shape[1], state.shape[1], actions.shape[2], cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
@@ -209,14 +213,14 @@ class BCSession:
         pass
 
     def infer(self, observation: dict) -> np.ndarray:
-        from lingbot.policy.runtime import observation_images, observation_state
+        from lingbot.policy.runtime import observation_pixels, observation_state
 
         start = time.perf_counter()
         p = self.policy
-        images = torch.from_numpy(observation_images(observation, p.cameras)).permute(0, 3, 1, 2)
+        images = observation_pixels(observation, p.cameras)[None]  # (1, cams, 3, H, W)
         state = p.state_layout.to_model(observation_state(observation, p.state_key, p.meta["state_dim"]))
         with torch.no_grad():
-            out = p.model(images[None].float().div(127.5).sub(1.0), torch.from_numpy(state))[0].numpy()
+            out = p.model(images, torch.from_numpy(state))[0].numpy()
         self.latency_ms.append((time.perf_counter() - start) * 1000)
         return p.action_layout.to_robot(out)
 

@@ -325,7 +325,7 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     cfg = BCConfig() if steps is None else BCConfig(steps=steps)
     eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers,
                                    episodes=episodes or run_cfg.evaluate.episodes)
-    data = load_demos(Path("data/demos"), Path("data/latents"), run_cfg.finetune)
+    data = load_demos(Path("data/demos"), Path("data/latents"), run_cfg.finetune, cfg.chunk)
     model, losses, seconds = train_bc(data, cfg, progress=False)
     with tempfile.TemporaryDirectory(prefix="lingbot-bench-bc-") as tmp:
         save_bc(model, data, cfg, Path(tmp) / "bc")

@@ -92,8 +92,11 @@ def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
     return a[0].clamp(-1, 1).cpu().numpy(), x
 
 
-def observation_images(observation: dict, cameras: list[str]) -> np.ndarray:
-    """(cameras, H, W, 3) uint8 from an observation's camera keys; a missing or malformed one is one error."""
+def observation_pixels(observation: dict, cameras: list[str]) -> torch.Tensor:
+    """(cameras, 3, H, W) in [-1, 1] from an observation's uint8 camera images; a missing or malformed
+    one is one error."""
+    from lingbot.vae.wan import to_pixels
+
     images = []
     for key in cameras:
         if key not in observation:
@@ -102,7 +105,7 @@ def observation_images(observation: dict, cameras: list[str]) -> np.ndarray:
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise LingbotError(f"observation {key!r}: expected uint8 (H, W, 3), got {image.dtype} {image.shape}")
         images.append(image)
-    return np.stack(images)
+    return to_pixels(np.stack(images)[:, None])[:, :, 0]
 
 
 def observation_state(observation: dict, key: str, dim: int) -> np.ndarray:
@@ -277,9 +280,7 @@ class Session:
 
     def _images(self, observation: dict) -> torch.Tensor:
         """(cameras, 3, H, W) in [-1, 1] from the observation's camera keys."""
-        from lingbot.vae.wan import to_pixels
-
-        return to_pixels(observation_images(observation, self.policy.cameras)[:, None])[:, :, 0]  # (cams, 3, H, W)
+        return observation_pixels(observation, self.policy.cameras)
 
     def _state(self, observation: dict) -> torch.Tensor | None:
         """(1, S_model) normalised robot state of the observation, or None for a model without state input."""
