@@ -30,7 +30,7 @@ from lingbot.fsutil import atomic_dir
 
 @dataclass(frozen=True)
 class BCConfig:
-    steps: int = 1000  # x batch 64: ~690 s here, the world model's pretrain + finetune time
+    steps: int = 1000  # x batch 64: ~630 s here, about the world model's pretrain + finetune time (~690 s)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
