@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = with_config(sub.add_parser("collect", help="scripted-expert MetaWorld demos -> LeRobot v3 dataset"))
-    p.add_argument("--task", action="append", help="MetaWorld task id, e.g. drawer-open-v3 (repeatable)")
+    p.add_argument("--task", action="append",
+                   help="MetaWorld task id, e.g. drawer-open-v3, or our memory task button-press-twice (repeatable)")
     p.add_argument("--episodes", type=int, help="successful episodes per task")
     p.add_argument("--camera", action="append", help="MuJoCo camera name (repeatable)")
     p.add_argument("--image-size", type=int, dest="image_size")

@@ -80,3 +80,45 @@ def test_collect_report_counts_frames(collected):
     table = pq.read_table(next((root / "data").rglob("*.parquet")))
     assert table.num_rows == report["frames"]
     assert report["episodes_dropped"] >= 0
+
+
+def _press_episode(presses: int, seed: int = 3):
+    """Roll the button-press-twice expert (made to press `presses` times) without rendering."""
+    from lingbot.sim.metaworld import PressTwiceExpert
+
+    env = MetaWorldEnv("button-press-twice", 32, ("corner3",))
+    expert = PressTwiceExpert(presses)
+    obs = env.reset(seed)
+    expert.reset(obs)
+    steps, success = [], False
+    for _ in range(env.max_path_length // 2):
+        action = np.clip(expert.get_action(obs), -1.0, 1.0)
+        steps.append((expert.phase, obs[:4].copy(), action))
+        obs, success = env.step(action, 2)
+        if success:
+            break
+    counted = env.counter.presses
+    env.close()
+    return steps, success, counted
+
+
+def test_button_press_twice_counts_presses():
+    steps, success, counted = _press_episode(2)
+    assert success and counted == 2
+    assert len(steps) < 125  # well inside the evaluation's 250 steps
+    # Home after one press, or a third press, is a failure, however the hand ends up.
+    for presses in (1, 3):
+        _, success, counted = _press_episode(presses)
+        assert not success and counted == presses
+
+
+def test_button_press_twice_needs_memory():
+    """Where the expert decides to press again or to leave, the robot state is the same: only the
+    history tells the two apart (a single-frame policy cannot, by construction)."""
+    steps, _, _ = _press_episode(2)
+    decisions = [i for i in range(1, len(steps)) if steps[i - 1][0] == "lift" and steps[i][0] != "lift"]
+    assert [steps[i][0] for i in decisions] == ["press", "back"]
+    (_, state_a, action_a), (_, state_b, action_b) = (steps[i] for i in decisions)
+    assert np.abs(state_a - state_b).max() < 0.015  # metres: the same place over the button (strokes: 10 cm)
+    assert action_a[2] < -0.5 and abs(action_a[1]) < 0.2  # down onto the button again
+    assert action_b[1] < -0.5 and abs(action_b[2]) < 0.3  # back towards the robot, at hover height

@@ -58,6 +58,8 @@ def rollout_expert(task: str, seed: int, cfg: CollectConfig) -> Episode:
         _ENVS[key] = (MetaWorldEnv(task, cfg.image_size, cfg.cameras), expert_policy(task))
     env, policy = _ENVS[key]
     obs = env.reset(seed)
+    if hasattr(policy, "reset"):  # our memory tasks' experts keep a phase; MetaWorld's are stateless
+        policy.reset(obs)
     states, actions, frames = [], [], {c: [] for c in cfg.cameras}
     render_s = sim_s = 0.0
     success_at = None

@@ -26,10 +26,17 @@ STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper")
 ACTION_NAMES = ("delta_x", "delta_y", "delta_z", "gripper")
 
 
+# Tasks of our own on a MetaWorld scene: id -> the MetaWorld task whose scene, objects and resets it uses.
+# "button-press-twice": press the top-down button exactly twice, then bring the hand back to where it
+# started. Between and after the presses the scene looks the same (the button springs back), so which
+# press comes next is in the history only: a single-frame policy cannot know, by construction.
+MEMORY_TASKS = {"button-press-twice": "button-press-topdown-v3"}
+
+
 def task_names() -> list[str]:
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-    return sorted(ALL_V3_ENVIRONMENTS)
+    return sorted([*ALL_V3_ENVIRONMENTS, *MEMORY_TASKS])
 
 
 def task_description(task: str) -> str:
@@ -45,7 +52,46 @@ def task_description(task: str) -> str:
         "door open": "open the door",
         "door close": "close the door",
         "pick place": "pick up the puck and place it at the goal",
+        "button press twice": "press the button twice, then return",
     }.get(words, words)
+
+
+class PressCounter:
+    """Success of "button-press-twice", from the button's travel and the hand alone (any policy).
+
+    A press is the button driven down by PRESS_TRAVEL below its lowest point since the last release;
+    a release, the button rising RELEASE_RISE above its deepest point. Success: exactly two presses,
+    then the hand back within HOME_RADIUS of its start; a third press fails the episode for good.
+    """
+
+    PRESS_TRAVEL = 0.02  # metres of button travel (its range is 6 cm)
+    RELEASE_RISE = 0.01
+    HOME_RADIUS = 0.05
+    PRESSES = 2
+
+    def reset(self, obs: np.ndarray) -> None:
+        self.home = obs[:3].copy()
+        self.rest_z = float(obs[6])
+        self.presses = 0
+        self.pressed = False
+        self.extreme = 0.0  # lowest travel since the release, or deepest since the press
+        self.success = False
+
+    def update(self, obs: np.ndarray) -> bool:
+        travel = self.rest_z - float(obs[6])
+        if not self.pressed:
+            self.extreme = min(self.extreme, travel)
+            if travel > self.extreme + self.PRESS_TRAVEL:
+                self.pressed, self.extreme = True, travel
+                self.presses += 1
+        else:
+            self.extreme = max(self.extreme, travel)
+            if travel < self.extreme - self.RELEASE_RISE:
+                self.pressed, self.extreme = False, travel
+        home = float(np.linalg.norm(obs[:3] - self.home)) < self.HOME_RADIUS
+        if self.presses == self.PRESSES and not self.pressed and home:
+            self.success = True
+        return self.success and self.presses == self.PRESSES
 
 
 @dataclass
@@ -60,7 +106,7 @@ class MetaWorldEnv:
         import mujoco
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
-        key = f"{self.task}-goal-observable"
+        key = f"{MEMORY_TASKS.get(self.task, self.task)}-goal-observable"
         if key not in ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE:
             raise ValueError(f"unknown MetaWorld task {self.task!r}")
         self.env = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[key]()
@@ -86,10 +132,13 @@ class MetaWorldEnv:
                      mujoco.mjtRndFlag.mjRND_SKYBOX):
             flags[flag] = 0
         self.max_path_length = self.env.max_path_length
+        self.counter = PressCounter() if self.task == "button-press-twice" else None
 
     def reset(self, seed: int) -> np.ndarray:
         self.env.seed(seed)
         obs, _ = self.env.reset(seed=seed)
+        if self.counter is not None:
+            self.counter.reset(obs)
         return obs
 
     def step(self, action: np.ndarray, repeat: int = 1) -> tuple[np.ndarray, bool]:
@@ -97,7 +146,8 @@ class MetaWorldEnv:
         success = False
         for _ in range(repeat):
             obs, _, _, truncated, info = self.env.step(action)
-            success = success or bool(info["success"])
+            done = self.counter.update(obs) if self.counter is not None else bool(info["success"])
+            success = success or done
             if truncated:
                 break
         return obs, success
@@ -116,9 +166,48 @@ class MetaWorldEnv:
         self.env.close()
 
 
+class PressTwiceExpert:
+    """Scripted expert of "button-press-twice": over the button, press, lift, press, lift, back, home.
+
+    Unlike MetaWorld's experts it keeps a phase (the presses made), so `reset` it with every episode.
+    """
+
+    HOVER = 0.06  # metres above the button's rest height between presses
+    DEPTH = 0.045  # button travel at which a press turns into a lift
+
+    def __init__(self, presses: int = PressCounter.PRESSES):
+        self.presses_wanted = presses
+
+    def reset(self, obs: np.ndarray) -> None:
+        self.home = obs[:3].copy()
+        self.rest = obs[4:7].copy()
+        self.phase, self.presses = "approach", 0
+
+    def get_action(self, obs: np.ndarray) -> np.ndarray:
+        from metaworld.policies.policy import move
+
+        hand, button = obs[:3], obs[4:7]
+        hover = self.rest + np.array([0.0, 0.0, self.HOVER])
+        if self.phase == "approach" and np.linalg.norm(hand - hover) < 0.015:
+            self.phase = "press"
+        elif self.phase == "press" and self.rest[2] - button[2] > self.DEPTH:
+            self.phase, self.presses = "lift", self.presses + 1
+        elif self.phase == "lift" and hand[2] > hover[2] - 0.01:
+            self.phase = "press" if self.presses < self.presses_wanted else "back"
+        # back at hover height first: the straight line home runs through the button box
+        back = np.array([self.home[0], self.home[1], hover[2]])
+        if self.phase == "back" and np.linalg.norm(hand - back) < 0.03:
+            self.phase = "home"
+        target = {"approach": hover, "press": self.rest - np.array([0.0, 0.0, 0.1]),
+                  "lift": hover, "back": back, "home": self.home}[self.phase]
+        return np.append(move(hand, target, p=25.0), 1.0)  # gripper closed, as MetaWorld's button expert
+
+
 def expert_policy(task: str):
     from metaworld.policies import ENV_POLICY_MAP
 
+    if task == "button-press-twice":
+        return PressTwiceExpert()
     if task not in ENV_POLICY_MAP:
         raise ValueError(f"no scripted expert for MetaWorld task {task!r}")
     return ENV_POLICY_MAP[task]()
