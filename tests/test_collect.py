@@ -122,3 +122,23 @@ def test_button_press_twice_needs_memory():
     assert np.abs(state_a - state_b).max() < 0.015  # metres: the same place over the button (strokes: 10 cm)
     assert action_a[2] < -0.5 and abs(action_a[1]) < 0.2  # down onto the button again
     assert action_b[1] < -0.5 and abs(action_b[2]) < 0.3  # back towards the robot, at hover height
+
+
+def test_press_counter_reads_the_button_travel():
+    from lingbot.sim.metaworld import PressCounter
+
+    counter, obs = PressCounter(), np.zeros(39)
+    obs[6] = 1.0  # the button's rest height
+    counter.reset(obs)
+    # travel (metres down): press, release, a spring-back above rest and home again, press, release
+    counts = []
+    for travel in (0.0, 0.03, 0.06, 0.045, 0.0, -0.04, -0.01, 0.0, 0.03, 0.05, 0.03):
+        obs[6] = 1.0 - travel
+        counter.update(obs)
+        counts.append((counter.presses, counter.pressed))
+    assert counts == [(0, False), (1, True), (1, True), (1, False), (1, False), (1, False), (1, False),
+                      (1, False), (2, True), (2, True), (2, False)]
+    assert counter.update(obs)  # two presses, released, and the hand never left home
+    obs[:3] = 0.2
+    counter.update(obs)
+    assert counter.success  # it stays a success once reached

@@ -78,7 +78,9 @@ class PressCounter:
         self.success = False
 
     def update(self, obs: np.ndarray) -> bool:
-        travel = self.rest_z - float(obs[6])
+        # The button can spring back past its rest height for a moment (a hand pulling off it fast):
+        # rising back to rest from there is not a press.
+        travel = max(0.0, self.rest_z - float(obs[6]))
         if not self.pressed:
             self.extreme = min(self.extreme, travel)
             if travel > self.extreme + self.PRESS_TRAVEL:
