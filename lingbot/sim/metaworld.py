@@ -26,13 +26,6 @@ STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper")
 ACTION_NAMES = ("delta_x", "delta_y", "delta_z", "gripper")
 
 
-# Tasks of our own on a MetaWorld scene: id -> the MetaWorld task whose scene, objects and resets it uses.
-# "button-press-twice": press the top-down button exactly twice, then bring the hand back to where it
-# started. Between and after the presses the scene looks the same (the button springs back), so which
-# press comes next is in the history only: a single-frame policy cannot know, by construction.
-MEMORY_TASKS = {"button-press-twice": "button-press-topdown-v3"}
-
-
 def task_names() -> list[str]:
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
@@ -108,7 +101,8 @@ class MetaWorldEnv:
         import mujoco
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
-        key = f"{MEMORY_TASKS.get(self.task, self.task)}-goal-observable"
+        memory = MEMORY_TASKS.get(self.task)
+        key = f"{memory.scene if memory else self.task}-goal-observable"
         if key not in ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE:
             raise ValueError(f"unknown MetaWorld task {self.task!r}")
         self.env = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[key]()
@@ -134,7 +128,7 @@ class MetaWorldEnv:
                      mujoco.mjtRndFlag.mjRND_SKYBOX):
             flags[flag] = 0
         self.max_path_length = self.env.max_path_length
-        self.counter = PressCounter() if self.task == "button-press-twice" else None
+        self.counter = memory.success() if memory else None  # our tasks' success; else MetaWorld's
 
     def reset(self, seed: int) -> np.ndarray:
         self.env.seed(seed)
@@ -205,11 +199,26 @@ class PressTwiceExpert:
         return np.append(move(hand, target, p=25.0), 1.0)  # gripper closed, as MetaWorld's button expert
 
 
+@dataclass(frozen=True)
+class MemoryTask:
+    """A task of our own on a MetaWorld scene: the scene's task id, its success and its expert."""
+
+    scene: str  # the MetaWorld task whose scene, objects and resets it uses
+    success: type  # reset(obs) per episode, update(obs) -> success so far, per sim step
+    expert: type  # reset(obs) per episode, get_action(obs)
+
+
+# "button-press-twice": press the top-down button exactly twice, then bring the hand back to where it
+# started. Between and after the presses the scene looks the same (the button springs back), so which
+# press comes next is in the history only: a single-frame policy cannot know, by construction.
+MEMORY_TASKS = {"button-press-twice": MemoryTask("button-press-topdown-v3", PressCounter, PressTwiceExpert)}
+
+
 def expert_policy(task: str):
     from metaworld.policies import ENV_POLICY_MAP
 
-    if task == "button-press-twice":
-        return PressTwiceExpert()
+    if task in MEMORY_TASKS:
+        return MEMORY_TASKS[task].expert()
     if task not in ENV_POLICY_MAP:
         raise ValueError(f"no scripted expert for MetaWorld task {task!r}")
     return ENV_POLICY_MAP[task]()
