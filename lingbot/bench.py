@@ -6,6 +6,7 @@ import dataclasses
 import json
 import resource
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -363,6 +364,71 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     return result
 
 
+def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_run: bool) -> dict:
+    """The recipe, not one draw of it: pretrain -> finetune -> bundle -> evaluate once per chain seed.
+
+    Each seed derives the seeds of pretrain, finetune and the policy (`chain_seeds`; seed 0 is the
+    params' own, i.e. the `dvc repro` run) and trains on the workspace's data/latents and models/vae
+    (run `dvc repro` first); every seed is scored on the same held-out evaluation episodes. Each seed's
+    results go to `out/seed-<s>/` and a finished seed is not run again (a stopped bench resumes).
+    `with_run`: add the workspace's own run (reports/eval.json, chain seed 0) as a row.
+    """
+    import torch
+
+    from lingbot.config import chain_seeds, load_run_config
+    from lingbot.fsutil import write_json
+    from lingbot.policy.bundle import write_bundle
+    from lingbot.sim.evaluate import evaluate, wilson_interval
+    from lingbot.train.loop import train
+
+    run_cfg = load_run_config(params)
+    torch.set_num_threads(run_cfg.threads)
+    latents, vae = Path("data/latents"), Path("models/vae")
+    eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers)
+    rows = []
+    if with_run:
+        reported = json.loads(Path("reports/eval.json").read_text())
+        rows.append({"seed": run_cfg.seed, "source": "reports/eval.json", "success_rate": reported["success_rate"],
+                     "episodes": reported["episodes"]})
+    for seed in seeds:
+        work = Path(out) / f"seed-{seed}"
+        result = work / "result.json"
+        if not result.is_file():
+            cfg = chain_seeds(run_cfg, seed, sections=("pretrain", "finetune", "policy"))
+            t0 = time.perf_counter()
+            train(cfg.pretrain, cfg.model, latents, work / "pretrain", progress=False)
+            train(cfg.finetune, cfg.model, latents, work / "finetune", init_from=work / "pretrain" / "checkpoint",
+                  progress=False)
+            seconds = time.perf_counter() - t0
+            write_bundle(work / "policy", work / "finetune" / "checkpoint", vae, latents, cfg.policy)
+            summary = evaluate(work / "policy", eval_cfg, work / "eval", progress=False)
+            write_json(result, {"seed": seed, "source": str(work), "success_rate": summary["success_rate"],
+                                "episodes": summary["episodes"], "train_seconds": round(seconds, 1),
+                                "pretrain_seed": cfg.pretrain.seed, "finetune_seed": cfg.finetune.seed})
+        rows.append(json.loads(result.read_text()))
+    rates = np.array([r["success_rate"] for r in rows])
+    wins = [round(r["success_rate"] * r["episodes"]) for r in rows]
+    out_rows = {}
+    for r, k in zip(rows, wins):
+        low, high = wilson_interval(k, r["episodes"])
+        out_rows[f"seed{r['seed']}"] = f"{k}/{r['episodes']} [{low:.2f}, {high:.2f}]"
+    pooled = wilson_interval(sum(wins), sum(r["episodes"] for r in rows))
+    return {
+        "bench": "seeds",
+        "tasks": ",".join(eval_cfg.tasks),
+        "eval_seed": eval_cfg.seed,
+        "runs": len(rows),
+        **out_rows,
+        "success_mean": round(float(rates.mean()), 4),
+        "success_std": round(float(rates.std(ddof=1)), 4) if len(rows) > 1 else None,
+        "success_min": round(float(rates.min()), 4),
+        "success_max": round(float(rates.max()), 4),
+        "pooled_ci_low": round(pooled[0], 4),
+        "pooled_ci_high": round(pooled[1], 4),
+        "per_seed": [dict(r, wins=k) for r, k in zip(rows, wins)],
+    }
+
+
 def run(what: str, args) -> int:
     if what == "data":
         result = bench_data(args.episodes or 4, args.workers)
@@ -374,8 +440,11 @@ def run(what: str, args) -> int:
         result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers)
     elif what == "realtime":
         result = bench_realtime(args.preset)
+    elif what == "seeds":
+        seeds = [int(v) for v in args.seeds.split(",")]
+        result = bench_seeds(Path(args.params), seeds, args.workers, Path(args.out), args.with_run)
     else:  # argparse restricts the choices; kept for direct callers
         raise ValueError(f"unknown benchmark {what!r}")
-    print(_table([(k, v) for k, v in result.items()]))
+    print(_table([(k, v) for k, v in result.items() if not isinstance(v, (list, dict))]))
     print(json.dumps(result))
     return 0

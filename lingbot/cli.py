@@ -16,11 +16,19 @@ from pathlib import Path
 
 
 def _run_config(args):
+    """The run's config; also pins torch's CPU threads to its `threads` (results depend on them)."""
     from lingbot.config import load_run_config, preset
 
-    if args.params:
-        return load_run_config(args.params)
-    return preset(args.preset)
+    run = load_run_config(args.params) if args.params else preset(args.preset)
+    if "torch" in sys.modules or args.command in TORCH_COMMANDS:
+        import torch
+
+        torch.set_num_threads(run.threads)
+    return run
+
+
+# Subcommands whose results are torch computations (threads pinned before any of it runs).
+TORCH_COMMANDS = ("fit-vae", "cache-latents", "pretrain", "finetune", "evaluate", "bench")
 
 
 def _print_json(data: dict) -> None:
@@ -357,10 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
-    p.add_argument("what", choices=["data", "latents", "train", "realtime", "bc"],
-                   help="bc: the plain image behaviour-cloning baseline on the embedded run's demos")
+    p.add_argument("what", choices=["data", "latents", "train", "realtime", "bc", "seeds"],
+                   help="bc: the plain image behaviour-cloning baseline on the embedded run's demos; seeds: "
+                        "the run's training recipe (pretrain..evaluate) on several chain seeds")
     p.add_argument("--preset", default="small", help="bench train/realtime: model preset")
-    p.add_argument("--params", default="params.yaml", help="bench bc: the run whose demos and seeds it uses")
+    p.add_argument("--params", default="params.yaml", help="bench bc/seeds: the run whose data and seeds it uses")
+    p.add_argument("--seeds", default="1,2", help="bench seeds: chain seeds to train (0: the params' own)")
+    p.add_argument("--with-run", dest="with_run", action="store_true",
+                   help="bench seeds: add the workspace's run (reports/eval.json) as the chain seed 0 row")
+    p.add_argument("--out", default="models/seeds", help="bench seeds: per-seed runs (resumed when present)")
     p.add_argument("--steps", type=int, help="bench train: timed steps (10); bench bc: training steps")
     p.add_argument("--episodes", type=int, help="episodes per task (data, latents: 4; bc: the params' evaluation)")
     p.add_argument("--workers", type=int, default=2)

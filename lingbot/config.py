@@ -151,8 +151,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.995
-    min_chunks: int = 2  # chunks per training window, drawn per batch
+    min_chunks: int = 2  # chunks per training window, drawn per batch (the first is context only)
     max_chunks: int = 6
+    # Probability that a window starts at the episode's first frame (else uniform): the first chunks,
+    # which commit the arm to a direction, then get about 1.5x the training slots of later ones.
+    episode_start_p: float = 0.25
     shift: float = 3.0  # flow-time schedule shift
     history_noise_p: float = 0.5  # noisy-history augmentation probability
     video_weight: float = 1.0
@@ -195,6 +198,7 @@ class EvalConfig:
     seed: int = 100_000  # held-out: collect's seeds are derived from small run seeds
     max_steps: int = 150  # recorded steps (as collect's) before an episode counts as failed
     workers: int = 2  # rollout processes
+    threads: int = 1  # torch threads per rollout process (a param: the policy's floats depend on it)
     videos: int = 2  # rollout MP4s written (predicted video next to the real frames)
 
 
@@ -212,6 +216,12 @@ class PublishConfig:
 @dataclass(frozen=True)
 class RunConfig:
     preset: str = "small"
+    # The chain's seed: every stage's seed derives from it (`chain_seeds`); 0 keeps the sections' own.
+    # The evaluation's episode seeds do not: every run is scored on the same held-out episodes.
+    seed: int = 0
+    # torch CPU threads of each stage's process. Float reductions split over threads differently, so
+    # results depend on it: part of the params, not of the machine (same params, same bytes).
+    threads: int = 2
     collect: CollectConfig = field(default_factory=CollectConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
@@ -311,6 +321,30 @@ def preset(name: str) -> RunConfig:
         raise LingbotError(f"unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})") from None
 
 
+# The sections whose seed the chain seed derives (not `evaluate`: its seeds are the held-out episodes).
+SEEDED_SECTIONS = ("collect", "ingest", "vae", "pretrain", "finetune", "policy")
+
+
+def derived_seed(chain_seed: int, section: str, own: int) -> int:
+    """The seed of `section` in the chain seeded `chain_seed`: its own seed for chain seed 0, else a
+    31-bit value drawn from (chain seed, section, own seed)."""
+    if chain_seed == 0:
+        return own
+    import zlib
+
+    import numpy as np
+
+    return int(np.random.SeedSequence([chain_seed, zlib.crc32(section.encode()), own]).generate_state(1)[0] % 2**31)
+
+
+def chain_seeds(run: RunConfig, chain_seed: int | None = None, sections: tuple[str, ...] = SEEDED_SECTIONS) -> RunConfig:
+    """`run` with the seeds of `sections` derived from `chain_seed` (default: the run's own `seed`)."""
+    chain_seed = run.seed if chain_seed is None else chain_seed
+    updates = {name: dataclasses.replace(getattr(run, name), seed=derived_seed(chain_seed, name, getattr(run, name).seed))
+               for name in sections}
+    return dataclasses.replace(run, seed=chain_seed, **updates)
+
+
 def load_run_config(path: str | Path = "params.yaml") -> RunConfig:
     """Read `params.yaml`: the named preset with the file's overrides applied."""
     import yaml
@@ -326,7 +360,7 @@ def load_run_config(path: str | Path = "params.yaml") -> RunConfig:
         raise LingbotError(f"{path}: expected a mapping at the top level")
     raw = dict(raw)
     base = preset(raw.pop("preset", "small"))
-    return override(base, raw)
+    return chain_seeds(override(base, raw))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

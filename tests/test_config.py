@@ -42,3 +42,21 @@ def test_repo_params_load():
 
     cfg = load_run_config(REPO / "params.yaml")
     assert "drawer-open-v3" in cfg.collect.tasks
+
+
+def test_chain_seed_derives_every_training_seed_but_not_the_evaluation_episodes(tmp_path):
+    from lingbot.config import SEEDED_SECTIONS
+
+    path = tmp_path / "params.yaml"
+    path.write_text("preset: tiny\nvae:\n  seed: 5\n")
+    zero = load_run_config(path)
+    assert zero.seed == 0 and zero.vae.seed == 5 and zero.pretrain.seed == 0  # chain seed 0: the sections' own
+    path.write_text("preset: tiny\nseed: 1\nvae:\n  seed: 5\n")
+    one = load_run_config(path)
+    seeds = {name: getattr(one, name).seed for name in SEEDED_SECTIONS}
+    assert all(seeds[name] != getattr(zero, name).seed for name in SEEDED_SECTIONS)
+    assert len(set(seeds.values())) == len(seeds)  # each stage its own stream
+    assert one.evaluate.seed == zero.evaluate.seed  # every run scored on the same held-out episodes
+    assert load_run_config(path) == one  # a function of the params alone
+    path.write_text("preset: tiny\nseed: 2\nvae:\n  seed: 5\n")
+    assert load_run_config(path).pretrain.seed not in (seeds["pretrain"], 0)

@@ -122,3 +122,35 @@ def test_windows_dataset_yields_model_ready_tensors(cache):
     loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate_windows, num_workers=2,
                                          multiprocessing_context="spawn")
     assert sum(b["video"].shape[0] for b in loader) == len(data)
+
+
+def test_window_gives_each_chunk_the_state_its_actions_start_from(cache):
+    """Chunk j's actions (frames 4j-4 .. 4j-1) start at latent frame j-1's state, also for the first
+    chunk of a window starting mid-episode (not at its own state, the end of the move)."""
+    from safetensors.torch import load_file
+
+    from lingbot.data.latents import normalize
+
+    out, _ = cache
+    data = LatentWindows(out, split="train")
+    episode = data.episodes[0]
+    meta = data.manifest["episodes"][str(episode)]
+    assert meta["latent_frames"] >= 3
+    states = normalize(load_file(str(out / data.manifest["shards"][meta["shard"]]))[f"{episode}/state"],
+                       data.manifest["stats"]["state"])
+    mid = data.window(episode, 1, 2)["start_state"]
+    assert torch.equal(mid, states[0:2])
+    first = data.window(episode, 0, 3)["start_state"]
+    assert torch.equal(first, states[[0, 0, 1]])  # chunk 0 has no actions: its own state
+
+
+def test_window_starts_favour_the_episode_start():
+    from lingbot.data.latents import window_start
+
+    rng = np.random.default_rng(0)
+    uniform = [window_start(rng, 12, 3, 0.0) for _ in range(2000)]
+    favoured = [window_start(rng, 12, 3, 0.25) for _ in range(2000)]
+    assert set(uniform) == set(range(10)) and set(favoured) == set(range(10))
+    assert 0.06 < uniform.count(0) / 2000 < 0.14  # 1/10
+    assert 0.28 < favoured.count(0) / 2000 < 0.37  # 0.25 + 0.75/10
+    assert window_start(rng, 12, 3, 1.0) == 0

@@ -74,14 +74,75 @@ def test_state_of_chunk_j_reaches_its_own_actions_and_later_chunks(j):
     assert da == [k >= j for k in range(N)]
 
 
-def test_chunk_start_state_is_the_previous_latent_frames_state():
-    from lingbot.model.world_model import chunk_start_state
+def test_pad_channels_puts_the_robot_first_and_refuses_too_many():
+    from lingbot.model.world_model import pad_channels
 
-    state = torch.arange(6.0).view(1, 3, 2)  # (B, n, S): state at the end of latent frames 0..2
-    start = chunk_start_state(state, 4)
-    assert start.tolist() == [[[0, 1, 0, 0], [0, 1, 0, 0], [2, 3, 0, 0]]]
+    state = torch.arange(6.0).view(1, 3, 2)
+    assert pad_channels(state, 4, "state")[0, 1].tolist() == [2, 3, 0, 0]
     with pytest.raises(ValueError, match="3 channels, the model only 2"):
-        chunk_start_state(torch.zeros(1, 2, 3), 2)
+        pad_channels(torch.zeros(1, 2, 3), 2, "state")
+
+
+def _loss_batch(seed=1, n=N):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "video": torch.randn(2, n, C, Z, H, W, generator=g),
+        "actions": torch.rand(2, n, K, A, generator=g) * 2 - 1,
+        "action_mask": torch.ones(2, n, K, dtype=torch.bool),  # a window starting mid-episode
+        "task": torch.randn(2, 1, 384, generator=g),
+        "start_state": torch.randn(2, n, A, generator=g),
+    }
+
+
+def test_first_chunk_of_a_window_is_context_only():
+    """Its noisy video sees no clean block and mid-episode its actions lack their start frame: no target."""
+    model, batch = tiny_model(), _loss_batch()
+    noise = draw_noise(batch, model.cfg.action_channels, 3.0, 0.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = flow_matching_loss(model, batch, noise, A)
+        for key in ("eps_video", "eps_action"):
+            moved = dict(noise)
+            moved[key] = noise[key].clone()
+            moved[key][:, 0] += 3.0
+            out = flow_matching_loss(model, batch, moved, A)
+            assert out["video"] == base["video"] and out["action"] == base["action"], key
+            moved[key][:, 1] += 3.0  # a later chunk is a target
+            assert flow_matching_loss(model, batch, moved, A)["loss"] != base["loss"], key
+    with pytest.raises(ValueError, match="at least 2 chunks"):
+        flow_matching_loss(model, _loss_batch(n=1), draw_noise(_loss_batch(n=1), 16, 3.0, 0.0), A)
+
+
+def test_padding_action_channels_are_zero_in_training_and_sampling():
+    """The robot uses A of the model's 16 action channels: the rest must look alike when trained and sampled."""
+    from lingbot.model.world_model import KVCache
+    from lingbot.config import PolicyConfig
+    from lingbot.policy.runtime import chunk_noise, denoise_chunk, write_history
+
+    model, batch = tiny_model(), _loss_batch()
+    seen = []
+    hook = model.action_in.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    noise = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        flow_matching_loss(model, batch, noise, A)
+    assert seen and all(x[..., A:].abs().max() == 0 for x in seen)  # noisy and clean copies
+    assert seen[0][..., :A].abs().max() > 0
+
+    seen.clear()
+    g = torch.Generator().manual_seed(0)
+    text = model.encode_text(torch.randn(1, 1, 384, generator=g))
+    cache = KVCache(model.cfg.depth)
+    with torch.no_grad():
+        executed = torch.zeros(1, K, 16)
+        write_history(model, cache, 0, text, torch.randn(1, C, Z, H, W, generator=g), executed, 0,
+                      state=torch.zeros(1, 16))
+        x, a = chunk_noise(g, (C, Z, H, W), K, 16, "cpu")
+        cfg = PolicyConfig(video_steps=2, video_exec_step=2, action_steps=4, history_chunks=0)
+        actions, _ = denoise_chunk(model, cache, 1, text, x, a, cfg, torch.zeros(1, 16), action_dim=A)
+    hook.remove()
+    sampled = seen[1:]  # after the history write: one noisy action input per action step
+    assert len(sampled) == cfg.action_steps
+    assert all(x[..., A:].abs().max() == 0 and x[..., :A].abs().max() > 0 for x in sampled)
+    assert (actions[:, A:] == 0).all()
 
 
 @pytest.mark.parametrize("key, stream", [("noisy_video", 0), ("noisy_action", 1)])
@@ -155,7 +216,7 @@ def test_loss_decreases_on_a_tiny_overfit_batch():
         "actions": torch.rand(2, N, K, A, generator=g) * 2 - 1,
         "action_mask": torch.ones(2, N, K, dtype=torch.bool),
         "task": torch.randn(2, 1, 384, generator=g),
-        "state": torch.randn(2, N, A, generator=g),
+        "start_state": torch.randn(2, N, A, generator=g),
     }
     batch["action_mask"][:, 0] = False
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

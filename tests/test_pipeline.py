@@ -10,6 +10,8 @@ from conftest import REPO
 
 TINY_PARAMS = {
     "preset": "tiny",
+    "seed": 0,
+    "threads": 2,
     "collect": {"episodes": 2},
     "ingest": {"val_fraction": 0.5},
     "validate": {"min_episode_length": 8},
@@ -32,22 +34,56 @@ def _dvc(workdir, *args, check=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def _new_project(tmp_path_factory, name):
     if shutil.which("dvc") is None:
         pytest.fail("dvc is not on PATH: run the tests through .ci/env")
-    work = tmp_path_factory.mktemp("project")
+    work = tmp_path_factory.mktemp(name)
     for name in ("lingbot", "stages"):
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, work / name)
     (work / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     _dvc(work, "init", "--no-scm", "-q")
     _dvc(work, "config", "core.analytics", "false")
     return work
 
 
-def test_repro_runs_caches_and_reruns_only_downstream(project):
-    first = _dvc(project, "repro")
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return _new_project(tmp_path_factory, "project")
+
+
+@pytest.fixture(scope="module")
+def first_repro(project):
+    """The first `dvc repro` of the tiny chain in `project`: its output and its dvc.lock."""
+    return _dvc(project, "repro"), yaml.safe_load((project / "dvc.lock").read_text())
+
+
+def _data_outs(lock: dict) -> dict[str, str]:
+    """{path: md5} of every stage's declared outs (the data later stages read; metrics and plots, which
+    carry timings, are not among them)."""
+    declared = {next(iter(o)) if isinstance(o, dict) else o
+                for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+                for o in stage.get("outs", [])}
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])
+            if o["path"] in declared}
+
+
+def test_the_tiny_chain_is_byte_identical_from_scratch(project, first_repro, tmp_path_factory):
+    """Same params and code in another clean directory: every out of every stage has the same hash."""
+    twin = _new_project(tmp_path_factory, "twin")
+    _dvc(twin, "repro")
+    first, again = _data_outs(first_repro[1]), _data_outs(yaml.safe_load((twin / "dvc.lock").read_text()))
+    assert set(first) == {"data/collected", "data/demos", "reports/validation", "models/vae", "data/latents",
+                          "models/pretrain", "models/finetune", "models/policy", "reports/eval"}
+    assert {p: h for p, h in again.items() if first[p] != h} == {}
+    outcome = ("success_rate", "episodes", "mean_episode_length")
+    scores = [yaml.safe_load((p / "reports" / "eval.json").read_text()) for p in (project, twin)]
+    assert [{k: s[k] for k in outcome} for s in scores] == [{k: scores[0][k] for k in outcome}] * 2
+
+
+def test_repro_runs_caches_and_reruns_only_downstream(project, first_repro):
+    first = first_repro[0]
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     lock = yaml.safe_load((project / "dvc.lock").read_text())

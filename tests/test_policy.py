@@ -163,9 +163,12 @@ def test_evaluate_rolls_out_in_metaworld_and_scores(tiny_bundle, tmp_path, tiny_
     episodes = json.loads((tmp_path / "eval" / "episodes.json").read_text())
     assert len(episodes) == cfg.episodes * len(cfg.tasks) == summary["episodes"]
     assert {e["seed"] for e in episodes} == {cfg.seed + i for i in range(cfg.episodes)}
-    for e in episodes:
+    timings = json.loads((tmp_path / "eval" / "timings.json").read_text())
+    assert [(t["task"], t["seed"]) for t in timings] == [(e["task"], e["seed"]) for e in episodes]
+    for e, t in zip(episodes, timings):
         # a chunk per K steps until the step budget (a tiny model does not open the drawer)
-        assert e["length"] <= cfg.max_steps and len(e["latency_ms"]) == -(-e["length"] // 4)
+        assert e["length"] <= cfg.max_steps and len(t["latency_ms"]) == -(-e["length"] // 4)
+        assert "latency_ms" not in e and "wall_s" not in e  # outcomes only: the same bytes every run
     wins = sum(e["success"] for e in episodes)
     assert summary["success_rate"] == wins / len(episodes)
     assert (summary["success_ci_low"], summary["success_ci_high"]) == pytest.approx(wilson_interval(wins, len(episodes)), abs=1e-4)

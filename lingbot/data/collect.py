@@ -123,6 +123,16 @@ def dataset_features(cfg: CollectConfig) -> dict:
     return features
 
 
+def canonical_stats(path: Path) -> None:
+    """LeRobot aggregates the dataset stats over a set of feature names, so their order in stats.json
+    follows the process's string hashing; the same stats are rewritten with sorted keys (as LeRobot
+    indents them), making the file a function of the data alone."""
+    import json
+
+    stats = json.loads(path.read_text())
+    path.write_text(json.dumps(stats, indent=4, sort_keys=True))
+
+
 def _check(cfg: CollectConfig) -> None:
     from lingbot.sim.metaworld import SIM_HZ, task_names
 
@@ -176,6 +186,9 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True) -> dict:
             # queue must hold a whole episode (validate's video frame count caught this).
             streaming_encoding=True,
             encoder_queue_maxsize=cfg.max_steps + 1,
+            # One SVT-AV1 thread per camera stream: the encoded bytes then do not depend on how the
+            # encoder's threads were scheduled (the streams still encode in parallel, one per camera).
+            encoder_threads=1,
         )
         bar = tqdm(total=cfg.episodes * len(cfg.tasks), desc="collect", unit="ep", disable=not progress)
         next_attempt = {t: 0 for t in cfg.tasks}
@@ -221,6 +234,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True) -> dict:
                 + ", ".join(f"{t} ({kept[t]}/{cfg.episodes} after {next_attempt[t]} attempts)" for t in short)
             )
         dataset.finalize()
+        canonical_stats(Path(tmp) / "meta" / "stats.json")
     elapsed = time.perf_counter() - t_start
     rendered = rendered_steps * len(cfg.cameras)
     return {

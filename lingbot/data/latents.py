@@ -249,17 +249,30 @@ def normalize(x: torch.Tensor, stats: dict) -> torch.Tensor:
     return 2 * (x - lo) / (hi - lo).clamp_min(1e-6) - 1
 
 
+def window_start(rng: np.random.Generator, n_latent: int, length: int, episode_start_p: float) -> int:
+    """The first chunk of a window of `length` chunks in an episode of `n_latent`.
+
+    With probability `episode_start_p` the episode's first frame, else uniform. Uniform starts alone give
+    the first chunks of an episode (which commit the arm to a direction from one frame) far fewer
+    training slots than the middle ones, and the first chunk of a window is context only.
+    """
+    episode_start = rng.random() < episode_start_p
+    uniform = int(rng.integers(0, n_latent - length + 1))
+    return 0 if episode_start else uniform
+
+
 class LatentWindows(torch.utils.data.Dataset):
     """Random windows of consecutive chunks from the cache, memory-mapped, ready for the model.
 
     Item i is an episode of the split; each draw picks a window length in [min_chunks, max_chunks]
     (capped by the episode) and a start, from a generator seeded by (seed, epoch, i). Returns:
-      video (n, cams, z, h, w), actions (n, k, A) and state (n, S) quantile-normalised,
+      video (n, cams, z, h, w), actions (n, k, A) and start_state (n, S: the robot state each chunk's
+      actions start from) quantile-normalised,
       action_mask (n, k), task (tokens, dim), plus episode and start indices.
     """
 
     def __init__(self, cache: Path, split: str = "train", min_chunks: int = 2, max_chunks: int = 8,
-                 seed: int = 0, expect: dict | None = None):
+                 seed: int = 0, expect: dict | None = None, episode_start_p: float = 0.0):
         from safetensors.torch import load_file
 
         self.cache = Path(cache)
@@ -268,6 +281,7 @@ class LatentWindows(torch.utils.data.Dataset):
         if not self.episodes:
             raise LingbotError(f"{self.cache}: no {split} episodes in the cache")
         self.min_chunks, self.max_chunks, self.seed, self.epoch = min_chunks, max_chunks, seed, 0
+        self.episode_start_p = episode_start_p
         self.tasks = load_file(str(self.cache / "tasks.safetensors"))["embeddings"]
         self._handles: dict[int, object] = {}
 
@@ -295,11 +309,16 @@ class LatentWindows(torch.utils.data.Dataset):
         f = self._shard(meta["shard"])
         sl = slice(start, start + length)
         stats = self.manifest["stats"]
+        # The state chunk j's actions start from is latent frame j-1's (chunk 0 has no actions: its own),
+        # so a window starting at s > 0 reads one row before it.
+        first = max(start - 1, 0)
+        states = f.get_slice(f"{episode}/state")[first : start + length]
+        rows = torch.clamp(torch.arange(start, start + length) - 1, min=0) - first
         return {
             "video": f.get_slice(f"{episode}/video")[sl],
             "actions": normalize(f.get_slice(f"{episode}/actions")[sl], stats["action"]),
             "action_mask": f.get_slice(f"{episode}/action_mask")[sl].bool(),
-            "state": normalize(f.get_slice(f"{episode}/state")[sl], stats["state"]),
+            "start_state": normalize(states[rows], stats["state"]),
             "task": self.tasks[meta["task_index"]],
             "episode": episode,
             "start": start,
@@ -310,14 +329,14 @@ class LatentWindows(torch.utils.data.Dataset):
         n_latent = self.manifest["episodes"][str(episode)]["latent_frames"]
         rng = np.random.default_rng([self.seed, self.epoch, i])
         length = int(rng.integers(min(self.min_chunks, n_latent), min(self.max_chunks, n_latent) + 1))
-        start = int(rng.integers(0, n_latent - length + 1))
-        return self.window(episode, start, length)
+        return self.window(episode, window_start(rng, n_latent, length, self.episode_start_p), length)
 
 
 def collate_windows(items: list[dict]) -> dict:
     """Batch windows of different lengths by cropping each to the shortest (keeping its start)."""
     n = min(len(item["video"]) for item in items)
-    batch = {key: torch.stack([item[key][:n] for item in items]) for key in ("video", "actions", "action_mask", "state")}
+    batch = {key: torch.stack([item[key][:n] for item in items])
+             for key in ("video", "actions", "action_mask", "start_state")}
     batch["task"] = torch.stack([item["task"] for item in items])
     batch["episode"] = torch.tensor([item["episode"] for item in items])
     batch["start"] = torch.tensor([item["start"] for item in items])

@@ -12,7 +12,7 @@ map onto it); the action expert has no cross-attention: it reads the task throug
 to video tokens, which is what keeps it at ~350M parameters at paper scale.
 
 Proprioception. The robot state each chunk's actions start from (that of the previous latent frame's
-last camera frame, `chunk_start_state`) is projected to the action width and added to every action
+last camera frame, `LatentWindows.window`'s start_state) is projected to the action width and added to every action
 token of the chunk, noisy and clean: the action expert decodes the actions that realise the imagined
 video from where the arm actually is. The video expert never sees it (it predicts the cameras).
 
@@ -28,8 +28,10 @@ builds these rules.
 
 Flow matching. x_t = (1 - t) x + t eps, target v = eps - x, independent t per chunk and stream from a
 shifted schedule; loss = w_v * video + w_a * action, the action term masked to existing steps and used
-channels. Noisy-history augmentation re-noises the clean video history to a level in [0, 0.5] (and
-tells the model), so actions can be decoded from partially denoised video at inference.
+channels (padding channels stay 0, noisy or clean: `FlowSampler` keeps them so at run time); the
+first chunk of a window is context only, not a target. Noisy-history augmentation re-noises the clean
+video history to a level in [0, 0.5] (and tells the model), so actions can be decoded from partially
+denoised video at inference.
 
 Shapes: B batch, n chunks, C cameras, z latent channels, (h, w) latent size, K actions per chunk,
 A action channels, Tv = C*(h/2)*(w/2) video tokens per chunk.
@@ -372,7 +374,7 @@ class WorldModel(nn.Module):
         noisy_video, clean_video: (B, n, C, z, h, w); noisy_action, clean_action: (B, n, K, A);
         t_video, t_action: (B, n) flow times of the noisy chunks; t_history: (B, n) the level the clean
         video history was re-noised to (0 = clean); text: (B, Lt, text_dim); state: (B, n, S) the
-        robot state chunk k's actions start from (`chunk_start_state`), for both action copies.
+        robot state chunk k's actions start from (the batch's start_state), for both action copies.
         Returns (v_video (B, n, C, z, h, w), v_action (B, n, K, A)).
         """
         B, n, C, z, h, w = noisy_video.shape
@@ -484,49 +486,86 @@ def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p:
     }
 
 
-def chunk_start_state(state: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, n, S) robot state at the last frame of each latent frame -> (B, n, channels): the state the
-    actions of chunk k start from, i.e. that of latent frame k - 1 (chunk 0 has no actions: its own).
-    The robot's channels come first, the rest are zero."""
-    if state.shape[-1] > channels:
-        raise ValueError(f"robot state has {state.shape[-1]} channels, the model only {channels}")
-    start = torch.cat([state[:, :1], state[:, :-1]], dim=1)
-    return F.pad(start, (0, channels - state.shape[-1]))
+def pad_channels(x: torch.Tensor, channels: int, what: str) -> torch.Tensor:
+    """(..., c) -> (..., channels): the robot's channels first, the rest zero (unused padding)."""
+    if x.shape[-1] > channels:
+        raise ValueError(f"robot {what} has {x.shape[-1]} channels, the model only {channels}")
+    return F.pad(x, (0, channels - x.shape[-1]))
+
+
+class FlowSampler:
+    """The Euler sampler of one flow, shared by the real-time session and the no-cache reference.
+
+    Times run 1 -> 0 in `steps` steps, shifted like training's (s > 1: more steps at high noise).
+    Channels at and past `live` are padding (a robot with fewer action channels than the model): training
+    holds them at exactly 0 in clean and noisy tokens alike (`flow_matching_loss`), so the sampler does
+    too, from the first step to the last.
+    """
+
+    def __init__(self, steps: int, shift: float, live: int | None = None):
+        u = torch.linspace(1.0, 0.0, steps + 1)
+        self.times = shift * u / (1 + (shift - 1) * u)  # (steps + 1,)
+        self.steps, self.live = steps, live
+
+    def _live_only(self, x: torch.Tensor) -> torch.Tensor:
+        if self.live is None or self.live >= x.shape[-1]:
+            return x
+        return torch.cat([x[..., : self.live], torch.zeros_like(x[..., self.live :])], dim=-1)
+
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """The sample at t = 1: the noise, padding channels at 0."""
+        return self._live_only(noise)
+
+    def t(self, i: int, device=None) -> torch.Tensor:
+        """(1,) flow time before step i (i = steps: where the sampler ends)."""
+        return self.times[i : i + 1].to(device)
+
+    def step(self, x: torch.Tensor, velocity: torch.Tensor, i: int) -> torch.Tensor:
+        """Euler step i: x at t_i -> x at t_{i+1}."""
+        return self._live_only(x + (self.times[i + 1] - self.times[i]).to(x.device) * velocity)
 
 
 def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_channels_used: int,
                        video_weight: float = 1.0, action_weight: float = 1.0) -> dict:
     """One teacher-forced pass. batch: video (B,n,C,z,h,w), actions (B,n,K,a), action_mask (B,n,K),
-    state (B,n,s), task."""
+    start_state (B,n,s) the robot state each chunk's actions start from, task."""
     video, actions, step_mask = batch["video"], batch["actions"], batch["action_mask"]
     B, n = video.shape[:2]
+    if n < 2:
+        raise ValueError("a training window needs at least 2 chunks: its first is context only")
     cfg = getattr(model, "module", model).cfg  # unwrap DDP
     A = cfg.action_channels
-    if actions.shape[-1] < A:  # the robot's channels first, the rest zero and masked out of the loss
-        actions = F.pad(actions, (0, A - actions.shape[-1]))
+    actions = pad_channels(actions, A, "action")  # padding channels: zero and out of the loss
     dev = video.device
     nz = {k: v.to(dev) for k, v in noise.items()}
     t_v, t_a = nz["t_video"], nz["t_action"]
+    channel = torch.zeros(A, device=dev)
+    channel[:action_channels_used] = 1
+    # Padding channels carry no noise either: at run time the sampler holds them at 0 (FlowSampler).
+    eps_action = nz["eps_action"] * channel
 
     def mix(x, eps, t, dims):
         t = t.view(*t.shape, *([1] * dims))
         return (1 - t) * x + t * eps
 
     noisy_v = mix(video, nz["eps_video"], t_v, 4)
-    noisy_a = mix(actions, nz["eps_action"], t_a, 2)
+    noisy_a = mix(actions, eps_action, t_a, 2)
     # Noisy-history augmentation: the clean video history re-noised to a level in [0, 0.5] (told to the model).
     t_h = nz["history"][:, None].expand(B, n)
     clean_v = mix(video, nz["eps_history"], t_h, 4)
 
-    state = chunk_start_state(batch["state"], cfg.state_channels) if cfg.state_channels else None
+    state = pad_channels(batch["start_state"], cfg.state_channels, "state") if cfg.state_channels else None
     pred_v, pred_a = model(noisy_v, clean_v, noisy_a, actions, t_v, t_a, t_h, batch["task"], state)
-    loss_v = F.mse_loss(pred_v, nz["eps_video"] - video)
-    channel = torch.zeros(A, device=dev)
-    channel[:action_channels_used] = 1
+    # The first chunk of a window is context only: its noisy video attends to no clean block (a window
+    # starting mid-episode would predict a frame from the task text alone; at run time chunk 0 is always
+    # the real first observation), and mid-episode its actions would be decoded without the frame they
+    # start from. So neither is a target; every later chunk has its full window of history.
+    loss_v = F.mse_loss(pred_v[:, 1:], (nz["eps_video"] - video)[:, 1:])
+    step_mask = torch.cat([torch.zeros_like(step_mask[:, :1]), step_mask[:, 1:]], dim=1)
     weight = step_mask.float()[..., None] * channel
     # Divided by every (sample, step, used channel) slot, not by the unmasked count: the mean then splits
     # exactly over micro-batches and processes (gradient accumulation and DDP equal one big batch).
     slots = step_mask.numel() * max(1, action_channels_used)
-    loss_a = ((pred_a - (nz["eps_action"] - actions)) ** 2 * weight).sum() / slots
+    loss_a = ((pred_a - (eps_action - actions)) ** 2 * weight).sum() / slots
     loss = video_weight * loss_v + action_weight * loss_a
     return {"loss": loss, "video": loss_v.detach(), "action": loss_a.detach()}

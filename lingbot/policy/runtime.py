@@ -38,15 +38,9 @@ import numpy as np
 import torch
 
 from lingbot.errors import LingbotError
-from lingbot.model.world_model import KVCache, WorldModel
+from lingbot.model.world_model import FlowSampler, KVCache, WorldModel
 from lingbot.policy.bundle import read_bundle
 from lingbot.config import PolicyConfig, override
-
-
-def flow_times(steps: int, shift: float) -> torch.Tensor:
-    """Times 1 -> 0 of an Euler flow sampler, steps + 1 values, shifted like training (s > 1: noisier)."""
-    u = torch.linspace(1.0, 0.0, steps + 1)
-    return shift * u / (1 + (shift - 1) * u)
 
 
 def chunk_noise(generator: torch.Generator, latent_shape, K: int, action_channels: int, device):
@@ -72,23 +66,26 @@ def write_history(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
 
 @torch.no_grad()
 def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Tensor, x: torch.Tensor,
-                  a: torch.Tensor, cfg: PolicyConfig, state=None) -> tuple[np.ndarray, torch.Tensor]:
+                  a: torch.Tensor, cfg: PolicyConfig, state=None, action_dim: int | None = None
+                  ) -> tuple[np.ndarray, torch.Tensor]:
     """Steps 2 and 3 of the module docstring against `cache`: the imagined video stays in the cache.
-    state (1, S): the robot state the chunk's actions start from (models with a state input).
+    state (1, S): the robot state the chunk's actions start from (models with a state input);
+    action_dim: the robot's action channels (the rest are padding, held at 0 as in training).
 
     Returns the action chunk (K, A_model) in -1..1 and the imagined latent (1, cams, z, h, w).
     """
     window = cfg.history_chunks
-    tv = flow_times(cfg.video_steps, cfg.shift).to(x.device)
+    video = FlowSampler(cfg.video_steps, cfg.shift)
     for i in range(cfg.video_exec_step):
-        v, _ = model.step(cache, chunk, text, video=x, t_video=tv[i : i + 1], window_chunks=window)
-        x = x + (tv[i + 1] - tv[i]) * v
-    level = tv[cfg.video_exec_step : cfg.video_exec_step + 1]
+        v, _ = model.step(cache, chunk, text, video=x, t_video=video.t(i, x.device), window_chunks=window)
+        x = video.step(x, v, i)
+    level = video.t(cfg.video_exec_step, x.device)
     model.step(cache, chunk, text, video=x, t_video=level, clean=True, window_chunks=window)
-    ta = flow_times(cfg.action_steps, cfg.shift).to(x.device)
+    act = FlowSampler(cfg.action_steps, cfg.shift, live=action_dim)
+    a = act.start(a)
     for i in range(cfg.action_steps):
-        _, v = model.step(cache, chunk, text, action=a, t_action=ta[i : i + 1], window_chunks=window, state=state)
-        a = a + (ta[i + 1] - ta[i]) * v
+        _, v = model.step(cache, chunk, text, action=a, t_action=act.t(i, x.device), window_chunks=window, state=state)
+        a = act.step(a, v, i)
     return a[0].clamp(-1, 1).cpu().numpy(), x
 
 
@@ -343,7 +340,7 @@ class Session:
         self.imagined_at = len(self.cache)
         del self.start_states[chunk:]
         self.start_states.append(state)
-        return denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg, state)
+        return denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg, state, p.layout.robot_dim)
 
     def _ground_and_predict(self, latent: torch.Tensor, state: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor]:
         self._ground(latent, self.executing, self.executing_state if self.chunk else state)
@@ -380,7 +377,7 @@ class Session:
         # (not evicted against: grounding this chunk later still attends to the window before it).
         k, provisional = self.chunk, len(self.cache)
         action = torch.from_numpy(np.ascontiguousarray(actions))[None].to(p.device)
-        level = flow_times(p.cfg.video_steps, p.cfg.shift)[p.cfg.video_exec_step]
+        level = float(FlowSampler(p.cfg.video_steps, p.cfg.shift).t(p.cfg.video_exec_step))
         write_history(p.model, self.cache, k, self.text, imagined, action, p.cfg.history_chunks, level, state)
         self.start_states[k:] = [state]
         self.imagined_latents.append(imagined[0].cpu())
@@ -403,17 +400,20 @@ def recompute_chunk(session: Session, chunk: int) -> tuple[np.ndarray, torch.Ten
     states = None
     if p.state_layout is not None:
         states = torch.stack([s[0] for s in session.start_states[: chunk + 1]])[None]  # (1, chunk + 1, S)
-    return recompute_sequence(p.model, real, executed, p.task_embedding(session.task), x, a, p.cfg, states)
+    return recompute_sequence(p.model, real, executed, p.task_embedding(session.task), x, a, p.cfg, states,
+                              p.layout.robot_dim)
 
 
 @torch.no_grad()
 def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Tensor, text: torch.Tensor,
-                       x: torch.Tensor, a: torch.Tensor, cfg: PolicyConfig, states=None) -> tuple[np.ndarray, torch.Tensor]:
+                       x: torch.Tensor, a: torch.Tensor, cfg: PolicyConfig, states=None,
+                       action_dim: int | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """Reference without a cache: `denoise_chunk` where every Euler step is a teacher-forced forward.
 
     real (1, k, cams, z, h, w) and executed (1, k, K, A): the grounded history of chunks < k; the chunk
     denoised is k, from noise x, a; states (1, k + 1, S): each chunk's start state (models with a state
-    input); text: the raw task embedding. Costs a full-sequence pass per step.
+    input); action_dim: the robot's action channels; text: the raw task embedding. Costs a
+    full-sequence pass per step.
     """
     import copy
     import dataclasses
@@ -433,13 +433,14 @@ def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Te
         v, va = model(noisy_video, clean_video, noisy_action, clean_action, t_video, t_action, t_history, text, states)
         return v[:, -1], va[:, -1]
 
-    tv = flow_times(cfg.video_steps, cfg.shift).to(x.device)
+    video = FlowSampler(cfg.video_steps, cfg.shift)
     for i in range(cfg.video_exec_step):
-        v, _ = run(x, tv[i], torch.zeros_like(x), 0.0, a, 0.0)
-        x = x + (tv[i + 1] - tv[i]) * v
-    level = tv[cfg.video_exec_step]
-    ta = flow_times(cfg.action_steps, cfg.shift).to(x.device)
+        v, _ = run(x, video.times[i], torch.zeros_like(x), 0.0, a, 0.0)
+        x = video.step(x, v, i)
+    level = video.times[cfg.video_exec_step]
+    act = FlowSampler(cfg.action_steps, cfg.shift, live=action_dim)
+    a = act.start(a)
     for i in range(cfg.action_steps):
-        _, v = run(torch.zeros_like(x), 0.0, x, level, a, ta[i])
-        a = a + (ta[i + 1] - ta[i]) * v
+        _, v = run(torch.zeros_like(x), 0.0, x, level, a, act.times[i])
+        a = act.step(a, v, i)
     return a[0].clamp(-1, 1).cpu().numpy(), x

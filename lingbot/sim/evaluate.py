@@ -6,7 +6,10 @@ chunk at the dataset's rate (sim steps per action = 80 Hz / fps), stop at succes
 
 Outputs (directory `out`)::
 
-    episodes.json          one record per episode: task, seed, success, length, per-chunk latency (ms)
+    episodes.json          one record per episode: task, seed, success, length (a function of the
+                           bundle and the params: the same bytes on every run)
+    timings.json           per episode: per-chunk latency (ms) and wall time; these change every run,
+                           so `.dvcignore` keeps them out of the stage's hashed output
     videos/<task>-<i>.mp4  real camera frames (top) over the model's imagined video (bottom), first camera
 
 Metrics (`summarize`): success rate with a 95% Wilson interval per task and overall, mean episode
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -133,7 +135,7 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
         raise LingbotError("evaluate: episodes must be >= 1")
     jobs = [(task, cfg.seed + i, cfg, i < cfg.videos) for task in cfg.tasks for i in range(cfg.episodes)]
     workers = max(1, min(cfg.workers, len(jobs)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = cfg.threads
     results = []
     with mp.get_context("spawn").Pool(workers, _init_worker, (str(bundle), threads, load)) as pool:
         bar = tqdm(total=len(jobs), desc="evaluate", unit="episode", disable=not progress)
@@ -148,9 +150,13 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
         recorded = [r for r in results if "frames" in r]
         if recorded:
             write_videos(bundle, recorded, tmp / "videos")
-        write_json(tmp / "episodes.json", [{k: v for k, v in r.items() if k not in ("frames", "imagined")}
+        write_json(tmp / "episodes.json", [{k: v for k, v in r.items() if k not in ("frames", "imagined", *TIMINGS)}
                                            for r in results])
+        write_json(tmp / "timings.json", [{k: r[k] for k in ("task", "seed", *TIMINGS)} for r in results])
     return summarize(results, cfg.tasks)
+
+
+TIMINGS = ("latency_ms", "wall_s")  # the per-episode fields that are measurements of time
 
 
 def summarize(results: list[dict], tasks: tuple[str, ...]) -> dict:
@@ -189,7 +195,8 @@ def write_videos(bundle: Path, recorded: list[dict], out: Path) -> None:
         frames = np.concatenate([real[:n], imagined[:n]], axis=1)  # (n, 2H, W, 3)
         path = out / f"{r['task']}-{r['seed']}.mp4"
         with av.open(str(path), "w") as container:
-            stream = container.add_stream("libx264", rate=10)
+            # One encoder thread: x264's output depends on its thread count (by default, the cores).
+            stream = container.add_stream("libx264", rate=10, options={"threads": "1"})
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
             for frame in frames:
@@ -208,7 +215,7 @@ def write_plots(summary: dict, results_dir: Path, tasks: tuple[str, ...], tasks_
         lines += [f"{t}\t{summary[f'{t}/success_rate']:.4f}\t{summary[f'{t}/success_ci_low']:.4f}\t"
                   f"{summary[f'{t}/success_ci_high']:.4f}\t{summary[f'{t}/episodes']}" for t in tasks]
         tmp.write_text("\n".join(lines) + "\n")
-    episodes = json.loads((results_dir / "episodes.json").read_text())
+    episodes = json.loads((results_dir / "timings.json").read_text())
     longest = max(len(e["latency_ms"]) for e in episodes)
     with atomic_file(latency_tsv) as tmp:
         lines = ["chunk\tlatency_ms\tepisodes"]

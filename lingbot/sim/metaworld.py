@@ -131,6 +131,13 @@ class MetaWorldEnv:
         self.counter = memory.success() if memory else None  # our tasks' success; else MetaWorld's
 
     def reset(self, seed: int) -> np.ndarray:
+        import mujoco
+
+        # MetaWorld's reset sets positions but keeps the rest of MjData (the solver's warm start above
+        # all), so an episode's trajectory depended at ~1e-9 on the episode this env ran before (a
+        # worker's history): enough to flip pixels. A full reset first makes each episode a function
+        # of its seed alone.
+        mujoco.mj_resetData(self.env.model, self.env.data)
         self.env.seed(seed)
         obs, _ = self.env.reset(seed=seed)
         if self.counter is not None:

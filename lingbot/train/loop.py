@@ -52,16 +52,22 @@ class StepSampler:
     def __init__(self, data, cfg: TrainConfig, episodes: list[int]):
         self.data, self.cfg, self.episodes = data, cfg, episodes
         self.lengths = {e: data.manifest["episodes"][str(e)]["latent_frames"] for e in episodes}
+        if cfg.min_chunks < 2:
+            raise LingbotError(f"train: min_chunks must be >= 2 (a window's first chunk is context only), got {cfg.min_chunks}")
+        short = [e for e, n in self.lengths.items() if n < 2]
+        if short:
+            raise LingbotError(f"train: episode {short[0]} has {self.lengths[short[0]]} latent frame(s); a training "
+                               "window needs 2 (raise validate.min_episode_length)")
 
     def batch(self, step: int, rows: slice | None = None) -> dict:
-        from lingbot.data.latents import collate_windows
+        from lingbot.data.latents import collate_windows, window_start
 
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
         chosen = rng.choice(self.episodes, size=cfg.batch_size, replace=len(self.episodes) < cfg.batch_size)
         shortest = min(self.lengths[e] for e in chosen)
         n = int(rng.integers(min(cfg.min_chunks, shortest), min(cfg.max_chunks, shortest) + 1))
-        starts = [int(rng.integers(0, self.lengths[e] - n + 1)) for e in chosen]
+        starts = [window_start(rng, self.lengths[e], n, cfg.episode_start_p) for e in chosen]
         items = list(zip(chosen.tolist(), starts))[rows or slice(None)]
         return collate_windows([self.data.window(e, s, n) for e, s in items])
 
