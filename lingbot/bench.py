@@ -364,61 +364,79 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     return result
 
 
-def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_run: bool) -> dict:
+def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_run: bool,
+                target: str | None = None) -> dict:
     """The recipe, not one draw of it: pretrain -> finetune -> bundle -> evaluate once per chain seed.
 
-    Each seed derives the seeds of pretrain, finetune and the policy (`chain_seeds`; seed 0 is the
-    params' own, i.e. the `dvc repro` run) and trains on the workspace's data/latents and models/vae
-    (run `dvc repro` first); every seed is scored on the same held-out evaluation episodes. Each seed's
-    results go to `out/seed-<s>/` and a finished seed is not run again (a stopped bench resumes).
-    `with_run`: add the workspace's own run (reports/eval.json, chain seed 0) as a row.
+    Each seed derives the seeds of pretrain, finetune and the policy (`chain_seeds`; the params' own
+    seed is the `dvc repro` run, whose models/pretrain is then reused: same seed, same bytes) and
+    trains on the workspace's data/latents and models/vae (run `dvc repro` first); every seed is scored
+    on the same held-out evaluation episodes. `target`: fine-tune on and evaluate this MetaWorld task
+    instead of the params' (from the same pretraining). A seed's pretraining goes to
+    `out/seed-<s>/pretrain`, each target's run to `out/seed-<s>/<target>/`; finished parts are not run
+    again (a stopped bench resumes). `with_run`: add the workspace's own evaluation (reports/eval.json)
+    as the row of the run's seed.
     """
     import torch
 
     from lingbot.config import chain_seeds, load_run_config
+    from lingbot.errors import LingbotError
     from lingbot.fsutil import write_json
     from lingbot.policy.bundle import write_bundle
     from lingbot.sim.evaluate import evaluate, wilson_interval
+    from lingbot.sim.metaworld import task_description
     from lingbot.train.loop import train
 
     run_cfg = load_run_config(params)
     torch.set_num_threads(run_cfg.threads)
+    if target:
+        run_cfg = dataclasses.replace(
+            run_cfg, finetune=dataclasses.replace(run_cfg.finetune, tasks=(task_description(target),)),
+            evaluate=dataclasses.replace(run_cfg.evaluate, tasks=(target,)))
     latents, vae = Path("data/latents"), Path("models/vae")
     eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers)
+    name = "-".join(eval_cfg.tasks)
     rows = []
     if with_run:
         reported = json.loads(Path("reports/eval.json").read_text())
+        if any(f"{task}/success_rate" not in reported for task in eval_cfg.tasks):
+            raise LingbotError("bench seeds --with-run: reports/eval.json did not evaluate these tasks")
         rows.append({"seed": run_cfg.seed, "source": "reports/eval.json", "success_rate": reported["success_rate"],
                      "episodes": reported["episodes"]})
     for seed in seeds:
         work = Path(out) / f"seed-{seed}"
-        result = work / "result.json"
+        result = work / name / "result.json"
         if not result.is_file():
             cfg = chain_seeds(run_cfg, seed, sections=("pretrain", "finetune", "policy"))
+            pretrain = work / "pretrain" / "checkpoint"
+            if seed == run_cfg.seed and Path("models/pretrain/checkpoint/trainer.json").is_file():
+                pretrain = Path("models/pretrain/checkpoint")
             t0 = time.perf_counter()
-            train(cfg.pretrain, cfg.model, latents, work / "pretrain", progress=False)
-            train(cfg.finetune, cfg.model, latents, work / "finetune", init_from=work / "pretrain" / "checkpoint",
-                  progress=False)
+            if not (pretrain / "trainer.json").is_file() or json.loads(
+                    (pretrain / "trainer.json").read_text())["step"] < cfg.pretrain.steps:
+                train(cfg.pretrain, cfg.model, latents, pretrain.parent, progress=False)
+            train(cfg.finetune, cfg.model, latents, work / name / "finetune", init_from=pretrain, progress=False)
             seconds = time.perf_counter() - t0
-            write_bundle(work / "policy", work / "finetune" / "checkpoint", vae, latents, cfg.policy)
-            summary = evaluate(work / "policy", eval_cfg, work / "eval", progress=False)
-            write_json(result, {"seed": seed, "source": str(work), "success_rate": summary["success_rate"],
+            write_bundle(work / name / "policy", work / name / "finetune" / "checkpoint", vae, latents, cfg.policy)
+            summary = evaluate(work / name / "policy", eval_cfg, work / name / "eval", progress=False)
+            write_json(result, {"seed": seed, "source": str(work / name), "success_rate": summary["success_rate"],
                                 "episodes": summary["episodes"], "train_seconds": round(seconds, 1),
                                 "pretrain_seed": cfg.pretrain.seed, "finetune_seed": cfg.finetune.seed})
         rows.append(json.loads(result.read_text()))
     rates = np.array([r["success_rate"] for r in rows])
     wins = [round(r["success_rate"] * r["episodes"]) for r in rows]
-    out_rows = {}
+    per_seed = {}
     for r, k in zip(rows, wins):
         low, high = wilson_interval(k, r["episodes"])
-        out_rows[f"seed{r['seed']}"] = f"{k}/{r['episodes']} [{low:.2f}, {high:.2f}]"
+        label = f"seed{r['seed']}" + (" (dvc repro)" if r["source"] == "reports/eval.json" else "")
+        per_seed[label] = f"{k}/{r['episodes']} [{low:.2f}, {high:.2f}]"
     pooled = wilson_interval(sum(wins), sum(r["episodes"] for r in rows))
     return {
         "bench": "seeds",
         "tasks": ",".join(eval_cfg.tasks),
         "eval_seed": eval_cfg.seed,
         "runs": len(rows),
-        **out_rows,
+        **per_seed,
         "success_mean": round(float(rates.mean()), 4),
         "success_std": round(float(rates.std(ddof=1)), 4) if len(rows) > 1 else None,
         "success_min": round(float(rates.min()), 4),
@@ -442,7 +460,7 @@ def run(what: str, args) -> int:
         result = bench_realtime(args.preset)
     elif what == "seeds":
         seeds = [int(v) for v in args.seeds.split(",")]
-        result = bench_seeds(Path(args.params), seeds, args.workers, Path(args.out), args.with_run)
+        result = bench_seeds(Path(args.params), seeds, args.workers, Path(args.out), args.with_run, args.target)
     else:  # argparse restricts the choices; kept for direct callers
         raise ValueError(f"unknown benchmark {what!r}")
     print(_table([(k, v) for k, v in result.items() if not isinstance(v, (list, dict))]))

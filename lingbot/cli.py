@@ -374,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-run", dest="with_run", action="store_true",
                    help="bench seeds: add the workspace's run (reports/eval.json) as the chain seed 0 row")
     p.add_argument("--out", default="models/seeds", help="bench seeds: per-seed runs (resumed when present)")
+    p.add_argument("--target", help="bench seeds: fine-tune on and evaluate this MetaWorld task instead of the params'")
     p.add_argument("--steps", type=int, help="bench train: timed steps (10); bench bc: training steps")
     p.add_argument("--episodes", type=int, help="episodes per task (data, latents: 4; bc: the params' evaluation)")
     p.add_argument("--workers", type=int, default=2)

@@ -82,6 +82,25 @@ def test_the_tiny_chain_is_byte_identical_from_scratch(project, first_repro, tmp
     assert [{k: s[k] for k in outcome} for s in scores] == [{k: scores[0][k] for k in outcome}] * 2
 
 
+def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(project, first_repro, tmp_path):
+    import json
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lingbot.cli", "bench", "seeds", "--seeds", "0,1", "--with-run",
+                           "--workers", "1", "--out", str(tmp_path / "seeds")], cwd=project, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["runs"] == 3 and set(result) >= {"seed0 (dvc repro)", "seed0", "seed1", "success_std"}
+    assert result["seed0"] == result["seed0 (dvc repro)"]  # the run's own seed: the run's outcome
+    run, again, other = result["per_seed"]
+    assert (again["pretrain_seed"], again["finetune_seed"]) == (0, 0)
+    assert other["pretrain_seed"] not in (0, again["pretrain_seed"])
+    episodes = [json.loads((tmp_path / "seeds" / "seed-0" / "drawer-open-v3" / "eval" / "episodes.json").read_text()),
+                json.loads((project / "reports" / "eval" / "episodes.json").read_text())]
+    assert episodes[0] == episodes[1]
+
+
 def test_repro_runs_caches_and_reruns_only_downstream(project, first_repro):
     first = first_repro[0]
     for stage in STAGES:
