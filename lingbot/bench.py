@@ -161,7 +161,7 @@ def bench_train(preset_name: str, steps: int = 10, latent_hw: int = 8, cameras: 
         "actions": torch.rand(B, n, K, 7, generator=g) * 2 - 1,
         "action_mask": torch.ones(B, n, K, dtype=torch.bool),
         "task": torch.randn(B, 1, cfg.text_dim, generator=g),
-        "state": torch.rand(B, n, 4, generator=g) * 2 - 1,
+        "start_state": torch.rand(B, n, 4, generator=g) * 2 - 1,
     }
     batch = {k: v.to(device) for k, v in batch.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
