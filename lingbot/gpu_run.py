@@ -333,13 +333,16 @@ def download_wheels(out: Path, log) -> tuple[list[str], dict[str, str]]:
     Returns (downloaded names, left out: name -> why)."""
     pins = pinned_versions()
     out.mkdir(parents=True, exist_ok=True)
-    wanted, queue, done = [], list(GPU_ROOTS), set()
+    wanted, queue, done, unpinned = [], list(GPU_ROOTS), set(), {}
     while queue:
         name = norm_name(queue.pop(0))
         if name in done:
             continue
         done.add(name)
-        if name in IMAGE_PACKAGES or name not in pins:
+        if name in IMAGE_PACKAGES:
+            continue
+        if name not in pins:  # required by a wheel, yet neither pinned here nor on the image
+            unpinned[name] = "required by a carried wheel, not pinned: not carried (the step may fail)"
             continue
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                "--python-version", "3.12", "--implementation", "cp", "--disable-pip-version-check",
@@ -353,7 +356,7 @@ def download_wheels(out: Path, log) -> tuple[list[str], dict[str, str]]:
         log(f"  wheel {wheel.name} ({mib(wheel.stat().st_size)})")
         queue.extend(_wheel_requirements(wheel))
     left_out = {n: "not imported by the GPU steps" for n in pins if n not in IMAGE_PACKAGES and n not in wanted}
-    return wanted, left_out
+    return wanted, {**left_out, **unpinned}
 
 
 def assets_opened(tasks: list[str], image_size: int, cameras: list[str]) -> set[str] | None:
@@ -948,7 +951,7 @@ def step_policy(result: StepResult, args, prepared: dict) -> None:
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
     cfg = run_config_from(prepared, args.cpu, json.loads(args.override) if args.override else None)
-    train_seconds = args.train_seconds or (6 if args.cpu else 60)
+    train_seconds = args.train_seconds or (6 if args.cpu else 50)
     episodes = args.episodes or cfg.evaluate.episodes
     workers = args.workers or (2 if args.cpu else max(2, os.cpu_count() or 2))
     eval_cfg = dataclasses.replace(cfg.evaluate, episodes=episodes, videos=0, workers=workers)
@@ -1035,10 +1038,10 @@ def run_step(args) -> int:
 # ----------------------------------------------------------------------------------------------------
 # run: the steps in order, each in its own process with its own limit, inside a total budget.
 
-GPU_LIMITS = {"train": 60, "realtime": 120, "vae": 130, "policy": 210}
+GPU_LIMITS = {"train": 50, "realtime": 110, "vae": 120, "policy": 240}
 CPU_LIMITS = {"train": 60, "realtime": 60, "vae": 90, "policy": 150}
 # Seconds of each step's limit it spends on its fixed-time work (the rest is start-up and scoring).
-GPU_WORK_SECONDS = {"vae": 100}
+GPU_WORK_SECONDS = {"vae": 95}
 CPU_WORK_SECONDS = {"vae": 25}
 
 
@@ -1099,7 +1102,7 @@ def run(out: Path, gpu_dir: Path, cpu: bool, limits: dict[str, float], total: fl
         path = out / f"{name}.json"
         left = deadline - time.monotonic()
         limit = min(limits[name], left)
-        if limit < 5:
+        if limit < 1:
             data = {"step": name, "status": "skipped", "error": "no time left in the run's total budget"}
             path.write_text(json.dumps(data, indent=2) + "\n")
             summary["steps"][name] = data
@@ -1145,7 +1148,7 @@ def run(out: Path, gpu_dir: Path, cpu: bool, limits: dict[str, float], total: fl
     device = next((d.get("device") for d in summary["steps"].values() if d.get("device")), "?")
     text = (f"# lingbot GPU run, {summary['date']}, commit {summary['commit']}{' (dirty)' if summary['dirty'] else ''}, "
             f"{device}, mode {summary['mode']}\n\n" + "\n".join(table) + "\n")
-    summary["table"] = text
+    summary["table"], summary["device"] = text, device
     (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "steps"}
                                                  | {"steps": {n: {k: d.get(k) for k in ("status", "wall_s", "error")}
                                                               for n, d in summary["steps"].items()}}, indent=2) + "\n")
@@ -1223,8 +1226,14 @@ def main(argv: list[str] | None = None) -> int:
                              gl=not args.no_gl, vae_episodes=args.vae_episodes)
             for name, size in record["bytes"].items():
                 print(f"  {name:<16} {mib(size)}")
+            unused = [w.removeprefix("wheel ") for w, why in record["left_out"].items()
+                      if w.startswith("wheel ") and why == "not imported by the GPU steps"]
             for what, why in record["left_out"].items():
-                print(f"  left out: {what}: {why}")
+                if what.removeprefix("wheel ") not in unused:
+                    print(f"  left out: {what}: {why}")
+            if unused:
+                print(f"  left out, not imported by the GPU steps: {len(unused)} pinned packages the image lacks "
+                      f"({', '.join(unused)})")
             print(f"prepare: {args.dir}: {mib(record['total_bytes'])} with the repository's "
                   f"{mib(record['repository_bytes'])} (limit {mib(record['limit_bytes'])}) in "
                   f"{time.perf_counter() - t0:.0f} s")
