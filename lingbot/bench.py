@@ -320,6 +320,7 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     """
     from lingbot.baseline import BCConfig, load_bc, load_demos, save_bc, train_bc
     from lingbot.config import load_run_config
+    from lingbot.fsutil import timings_path
     from lingbot.sim.evaluate import evaluate
 
     run_cfg = load_run_config(params)
@@ -357,8 +358,8 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
         result["world_model_episodes"] = sum(n)
     for name in ("pretrain", "finetune"):  # the world model's training budget, for comparison
         path = Path(f"reports/{name}.json")
-        if path.is_file():
-            r = json.loads(path.read_text())
+        if path.is_file() and timings_path(path).is_file():
+            r = json.loads(path.read_text()) | json.loads(timings_path(path).read_text())
             result[f"world_model_{name}_seconds"] = round(r["steps"] * getattr(run_cfg, name).batch_size
                                                           / r["samples_per_s"], 1)
     return result

@@ -35,12 +35,24 @@ def _print_json(data: dict) -> None:
     print(json.dumps(data, sort_keys=False))
 
 
-def _write_metrics(args, data: dict) -> None:
-    """Numbers (and flags) only: the DVC metrics file of the stage."""
-    if getattr(args, "metrics", None):
-        from lingbot.fsutil import write_json
+def is_timing(key: str) -> bool:
+    """Whether a metric measures time (seconds, rates, latencies): it differs on every run."""
+    return (key == "seconds" or key.startswith("latency_ms")
+            or key.endswith(("_seconds", "_per_s", "_per_s_per_core", "_hz")))
 
-        write_json(Path(args.metrics), {k: v for k, v in data.items() if isinstance(v, (int, float, bool))})
+
+def _write_metrics(args, data: dict) -> None:
+    """Numbers (and flags) only: the DVC metrics file of the stage, what the run computed, and beside it
+    (`timings_path`, kept in git but not by DVC) how long it took. So `dvc.lock` records only results:
+    the same params and code give the same lock file."""
+    if getattr(args, "metrics", None):
+        from lingbot.fsutil import timings_path, write_json
+
+        numbers = {k: v for k, v in data.items() if isinstance(v, (int, float, bool))}
+        write_json(Path(args.metrics), {k: v for k, v in numbers.items() if not is_timing(k)})
+        timings = {k: v for k, v in numbers.items() if is_timing(k)}
+        if timings:
+            write_json(timings_path(Path(args.metrics)), timings)
 
 
 def cmd_collect(args) -> int:

@@ -67,3 +67,9 @@ def atomic_file(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def timings_path(metrics: Path) -> Path:
+    """Where a stage's timings go beside its DVC metrics file: `reports/eval.json` ->
+    `reports/eval.timings.json` (in git, not in dvc.lock: they differ on every run)."""
+    return Path(metrics).with_name(f"{Path(metrics).stem}.timings.json")

@@ -77,6 +77,9 @@ def test_the_tiny_chain_is_byte_identical_from_scratch(project, first_repro, tmp
     assert set(first) == {"data/collected", "data/demos", "reports/validation", "models/vae", "data/latents",
                           "models/pretrain", "models/finetune", "models/policy", "reports/eval"}
     assert {p: h for p, h in again.items() if first[p] != h} == {}
+    # Metrics hold results only (timings sit beside them, out of DVC): the whole lock file is the same.
+    assert yaml.safe_load((twin / "dvc.lock").read_text()) == first_repro[1]
+    assert (twin / "reports" / "eval.timings.json").is_file() and (twin / "reports" / "collect.timings.json").is_file()
     outcome = ("success_rate", "episodes", "mean_episode_length")
     scores = [yaml.safe_load((p / "reports" / "eval.json").read_text()) for p in (project, twin)]
     assert [{k: s[k] for k in outcome} for s in scores] == [{k: scores[0][k] for k in outcome}] * 2

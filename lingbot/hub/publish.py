@@ -41,11 +41,14 @@ TARGETS = ("local", "hub")
 
 
 def read_metrics(path: Path) -> dict:
-    from lingbot.fsutil import read_json
+    from lingbot.fsutil import read_json, timings_path
 
     metrics = read_json(Path(path), "evaluation metrics not found; run stage evaluate first")
     if not isinstance(metrics, dict) or not isinstance(metrics.get("success_rate"), (int, float)):
         raise LingbotError(f"{path}: no numeric success_rate; not an evaluation report")
+    timings = timings_path(Path(path))  # latency and control rate, for the model card
+    if timings.is_file():
+        metrics = {**read_json(timings, "evaluation timings unreadable"), **metrics}
     return metrics
 
 
