@@ -138,119 +138,109 @@ def bench_latents(episodes: int, workers: int) -> dict:
     }
 
 
-def bench_train(preset_name: str, steps: int = 10, latent_hw: int = 8, cameras: int = 2) -> dict:
-    """Teacher-forced training steps of a preset's world model on synthetic latents of cache shapes."""
-    import time
-
+def train_throughput(run_cfg, batch: int, steps: int, device, latent_hw: int = 8, cameras: int = 2) -> dict:
+    """Teacher-forced training steps of `run_cfg`'s world model at batch size `batch` on synthetic latents
+    of the cache's shapes, bf16 autocast on CUDA, fp32 on a CPU. `bench train` and the GPU run share it."""
     import torch
 
-    from lingbot.config import preset
     from lingbot.model.world_model import WorldModel, count_parameters, draw_noise, flow_matching_loss
     from lingbot.train.loop import make_optimizer
 
-    run_cfg = preset(preset_name)
-    cfg, tcfg = run_cfg.model, run_cfg.pretrain
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, tcfg = run_cfg.model, dataclasses.replace(run_cfg.pretrain, batch_size=batch)
     torch.manual_seed(0)
-    model = WorldModel(cfg, cameras=cameras).to(device)
+    with torch.device(device):
+        model = WorldModel(cfg, cameras=cameras)
     opt = make_optimizer(model, tcfg)
-    B, n, K = tcfg.batch_size, tcfg.max_chunks, 4
+    B, n, K = batch, tcfg.max_chunks, model.K
     g = torch.Generator().manual_seed(0)
-    batch = {
+    data = {
         "video": torch.randn(B, n, cameras, cfg.latent_channels, latent_hw, latent_hw, generator=g),
         "actions": torch.rand(B, n, K, 7, generator=g) * 2 - 1,
         "action_mask": torch.ones(B, n, K, dtype=torch.bool),
         "task": torch.randn(B, 1, cfg.text_dim, generator=g),
         "start_state": torch.rand(B, n, 4, generator=g) * 2 - 1,
     }
-    batch = {k: v.to(device) for k, v in batch.items()}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    data = {k: v.to(device) for k, v in data.items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(i):
-        noise = draw_noise(batch, cfg.action_channels, tcfg.shift, tcfg.history_noise_p, torch.Generator().manual_seed(i))
+        noise = draw_noise(data, cfg.action_channels, tcfg.shift, tcfg.history_noise_p, torch.Generator().manual_seed(i))
         with autocast:
-            loss = flow_matching_loss(model, batch, noise, 7)["loss"]
+            loss = flow_matching_loss(model, data, noise, 7)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     for i in range(2):
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for i in range(steps):
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - t0
     counts = count_parameters(model)
     Tv = cameras * (latent_hw // cfg.patch[0]) * (latent_hw // cfg.patch[1])
-    video_tokens, action_tokens = 2 * n * Tv, 2 * n * K  # noisy + clean copies
+    seq = 2 * n * Tv + 2 * n * K  # noisy + clean copies of video and action tokens
     # Training FLOPs per sample: 6 x params x tokens per expert, plus attention (QK^T and AV, fwd+bwd).
-    seq = video_tokens + action_tokens
-    flops = 6 * (counts["video"] * video_tokens + counts["action"] * action_tokens)
+    flops = 6 * (counts["video"] * 2 * n * Tv + counts["action"] * 2 * n * K)
     flops += 3 * 4 * seq * seq * cfg.heads * cfg.head_dim * cfg.depth
     samples_per_s = B * steps / elapsed
-    result = {
-        "bench": "train",
-        "preset": preset_name,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "params_video": counts["video"],
-        "params_action": counts["action"],
-        "batch_size": B,
-        "chunks": n,
-        "tokens_per_sample": seq,
-        "step_ms": round(1000 * elapsed / steps, 1),
-        "samples_per_s": round(samples_per_s, 2),
-        "tokens_per_s": round(samples_per_s * seq, 1),
-        "tflops": round(samples_per_s * flops / 1e12, 3),
-        "mfu": None,
-    }
-    if device.type == "cuda":  # bf16 dense peak of the card (H100/H200 SXM: 989 TFLOP/s)
-        peak = 989e12 if ("H100" in result["device"] or "H200" in result["device"]) else None
-        result["mfu"] = round(samples_per_s * flops / peak, 3) if peak else None
+    result = {"batch_size": B, "chunks": n, "tokens_per_sample": seq, "params_video": counts["video"],
+              "params_action": counts["action"], "step_ms": round(1000 * elapsed / steps, 2),
+              "samples_per_s": round(samples_per_s, 2), "tokens_per_s": round(samples_per_s * seq, 1),
+              "tflops": round(samples_per_s * flops / 1e12, 4)}
+    if device.type == "cuda":
+        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
 
 
-def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, cameras: int = 2,
-                   histories: tuple[int, ...] = (1, 32)) -> dict:
-    """Chunk latency of the policy's denoising with the KV cache at several history lengths, against
-    recomputing the whole sequence without a cache, and full vs partial (stopped half way) video denoising.
-
-    Model part only (random weights of the preset's shapes; the VAE's per-frame encode is separate):
-    what a robot waits for between sending its boundary frame and receiving the action chunk.
-    """
-    import statistics
-    import time
-
+def bench_train(preset_name: str, steps: int = 10, latent_hw: int = 8, cameras: int = 2) -> dict:
+    """Teacher-forced training steps of a preset's world model on synthetic latents of cache shapes."""
     import torch
 
     from lingbot.config import preset
-    from lingbot.model.world_model import KVCache, WorldModel
-    from lingbot.policy.runtime import chunk_noise, denoise_chunk, recompute_sequence, write_history
 
     run_cfg = preset(preset_name)
-    cfg = dataclasses.replace(run_cfg.policy, history_chunks=0)  # the whole history: what is measured
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = WorldModel(run_cfg.model, cameras=cameras).to(device).eval()
-    for head in (model.video_out, model.action_out, model.state_in):  # trained heads are not zero: nor are these
-        if head is not None:
-            torch.nn.init.normal_(head.weight, std=0.02)
+    measured = train_throughput(run_cfg, run_cfg.pretrain.batch_size, steps, device, latent_hw, cameras)
+    result = {"bench": "train", "preset": preset_name,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **measured, "mfu": None}
+    if device.type == "cuda":  # bf16 dense peak of the card (H100/H200 SXM: 989 TFLOP/s)
+        peak = 989e12 if ("H100" in result["device"] or "H200" in result["device"]) else None
+        result["mfu"] = round(measured["tflops"] * 1e12 / peak, 3) if peak else None
+    return result
+
+
+def chunk_latency(model, run_cfg, policy_cfg, mode: str, cameras: int, latent_hw: int, histories,
+                  repeats: int, diff_history: int, device, reference=None, time_recompute: bool = False) -> dict:
+    """Chunk latency of the policy's denoising (`lingbot.policy.runtime`) with `model` as it is, under
+    `mode` (fp32, bf16-autocast, bf16-weights: the caller converts the weights), at each history length;
+    full and half-way video denoising at the longest; the cached chunk against the no-cache recompute at
+    `diff_history` chunks (timed too with `time_recompute`). `bench realtime` and the GPU run share it."""
+    import statistics
+
+    import torch
+
+    from lingbot.model.world_model import KVCache
+    from lingbot.policy.runtime import chunk_noise, denoise_chunk, recompute_sequence, write_history
+
     K, A, z = model.K, run_cfg.model.action_channels, run_cfg.model.latent_channels
+    S = run_cfg.model.state_channels
     g = torch.Generator().manual_seed(0)
     text = torch.randn(1, 1, run_cfg.model.text_dim, generator=g).to(device)
-    longest = max(histories)
-    real = torch.randn(1, longest, cameras, z, latent_hw, latent_hw, generator=g).to(device)
-    executed = (torch.rand(1, longest, K, A, generator=g) * 2 - 1).to(device)
-    S = run_cfg.model.state_channels
-    states = (torch.rand(1, longest + 1, S, generator=g) * 2 - 1).to(device) if S else None  # chunk start states
+    longest, chunks = max(histories), max(*histories, diff_history)
+    real = torch.randn(1, chunks, cameras, z, latent_hw, latent_hw, generator=g).to(device)
+    executed = (torch.rand(1, chunks, K, A, generator=g) * 2 - 1).to(device)
+    states = (torch.rand(1, chunks + 1, S, generator=g) * 2 - 1).to(device) if S else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode != "fp32")
 
     def start(k):
         return None if states is None else states[:, k]
-
-    ctx = model.encode_text(text)
 
     def sync():
         if device.type == "cuda":
@@ -265,48 +255,84 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
             fn()
             sync()
             times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
+        return round(statistics.median(times), 2)
 
+    out = {}
+    with torch.no_grad(), autocast:
+        ctx = model.encode_text(text)
+        for hist in sorted(set(histories) | {diff_history}):
+            cache = KVCache(run_cfg.model.depth)
+            for k in range(hist):
+                write_history(model, cache, k, ctx, real[:, k], executed[:, k], policy_cfg.history_chunks,
+                              state=start(k))
+            x, a = chunk_noise(torch.Generator().manual_seed(hist), real.shape[2:], K, A, device)
+
+            def cached(cfg=policy_cfg, cache=cache, hist=hist, x=x, a=a):
+                size = len(cache)
+                actions, imagined = denoise_chunk(model, cache, hist, ctx, x, a, cfg, start(hist))
+                cache.truncate(size)  # drop the imagined chunk: the next repeat starts alike
+                return actions, imagined
+
+            if hist in histories:
+                out[f"latency_ms_hist{hist}"] = timed(cached)
+            if hist == longest:
+                full = dataclasses.replace(policy_cfg, video_exec_step=policy_cfg.video_steps)
+                half = dataclasses.replace(policy_cfg, video_exec_step=max(1, policy_cfg.video_steps // 2))
+                out["latency_ms_full_video_denoise"] = timed(lambda: cached(cfg=full))
+                out["latency_ms_half_video_denoise"] = timed(lambda: cached(cfg=half))
+            if hist == diff_history:
+                history = None if states is None else states[:, : hist + 1]
+
+                def recompute(hist=hist, x=x, a=a, history=history):
+                    return recompute_sequence(model, real[:, :hist], executed[:, :hist], text, x, a, policy_cfg,
+                                              history)
+
+                if time_recompute:
+                    out[f"recompute_latency_ms_hist{hist}"] = timed(recompute)
+                ref_actions, ref_x = recompute()
+                actions, imagined = cached()
+                out["cache_vs_recompute_max_abs_diff_actions"] = float(abs(actions - ref_actions).max())
+                out["cache_vs_recompute_max_abs_diff_video"] = float((imagined.float() - ref_x.float()).abs().max())
+                out["_actions"] = actions
+    if reference is not None and "_actions" in out:
+        out["actions_max_abs_diff_vs_fp32"] = float(abs(out["_actions"] - reference).max())
+    out["partial_denoise_speedup"] = round(out["latency_ms_full_video_denoise"] / out["latency_ms_half_video_denoise"], 3)
+    return out
+
+
+
+def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, cameras: int = 2,
+                   histories: tuple[int, ...] = (1, 32)) -> dict:
+    """Chunk latency of the policy's denoising with the KV cache at several history lengths, against
+    recomputing the whole sequence without a cache, and full vs partial (stopped half way) video denoising.
+
+    Model part only (random weights of the preset's shapes; the VAE's per-frame encode is separate):
+    what a robot waits for between sending its boundary frame and receiving the action chunk.
+    """
+    import torch
+
+    from lingbot.config import preset
+    from lingbot.model.world_model import WorldModel
+
+    run_cfg = preset(preset_name)
+    cfg = dataclasses.replace(run_cfg.policy, history_chunks=0)  # the whole history: what is measured
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = WorldModel(run_cfg.model, cameras=cameras).to(device).eval()
+    for head in (model.video_out, model.action_out, model.state_in):  # trained heads are not zero: nor are these
+        if head is not None:
+            torch.nn.init.normal_(head.weight, std=0.02)
+    K, longest = model.K, max(histories)
     result = {"bench": "realtime", "preset": preset_name,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "video_steps": cfg.video_steps, "video_exec_step": cfg.video_exec_step,
               "action_steps": cfg.action_steps, "tokens_per_chunk": cameras * (latent_hw // 2) ** 2 + K}
-    caches = {}
-    with torch.no_grad():
-        for hist in histories:
-            cache = KVCache(run_cfg.model.depth)
-            for k in range(hist):
-                write_history(model, cache, k, ctx, real[:, k], executed[:, k], 0, state=start(k))
-            caches[hist] = cache
-            x, a = chunk_noise(torch.Generator().manual_seed(hist), real.shape[2:], K, A, device)
-
-            def cached(cfg=cfg, cache=cache, hist=hist, x=x, a=a):
-                size = len(cache)
-                out = denoise_chunk(model, cache, hist, ctx, x, a, cfg, start(hist))
-                cache.truncate(size)  # drop the imagined chunk: the next repeat starts alike
-                return out
-
-            result[f"latency_ms_hist{hist}"] = round(timed(cached), 2)
-            if hist == longest:
-                history = None if states is None else states[:, : hist + 1]
-
-                def recompute():
-                    return recompute_sequence(model, real[:, :hist], executed[:, :hist], text, x, a, cfg, history)
-
-                result[f"recompute_latency_ms_hist{hist}"] = round(timed(recompute), 2)
-                ref_actions, ref_x = recompute()
-                actions, imagined = cached()
-                result["cache_vs_recompute_max_abs_diff"] = float(max(
-                    abs(actions - ref_actions).max(), (imagined - ref_x).abs().max().item()))
-                full = dataclasses.replace(cfg, video_exec_step=cfg.video_steps)
-                half = dataclasses.replace(cfg, video_exec_step=max(1, cfg.video_steps // 2))
-                result["latency_ms_full_video_denoise"] = round(timed(lambda: cached(cfg=full)), 2)
-                result["latency_ms_half_video_denoise"] = round(timed(lambda: cached(cfg=half)), 2)
+    result |= chunk_latency(model, run_cfg, cfg, "fp32", cameras, latent_hw, histories, repeats, longest, device,
+                            time_recompute=True)
+    result.pop("_actions", None)
     h1, hl = result[f"latency_ms_hist{histories[0]}"], result[f"latency_ms_hist{longest}"]
     result[f"hist{longest}_over_hist{histories[0]}"] = round(hl / h1, 3)
     result["recompute_over_cached"] = round(result[f"recompute_latency_ms_hist{longest}"] / hl, 2)
-    result["partial_denoise_speedup"] = round(result["latency_ms_full_video_denoise"]
-                                              / result["latency_ms_half_video_denoise"], 3)
     chunk_s = K / 40  # the embedded default records at 40 Hz
     result["realtime_factor_at_40hz"] = round(1000 * chunk_s / hl, 2)
     return result

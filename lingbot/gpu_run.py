@@ -596,74 +596,12 @@ def measure_matmul_peak(device, n: int, dtype, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def train_throughput(run_cfg, batch: int, steps: int, device, latent_hw: int = 8, cameras: int = 2) -> dict:
-    """Teacher-forced training steps of `run_cfg`'s world model at batch size `batch` on synthetic latents
-    of the cache's shapes, bf16 autocast on CUDA, fp32 on a CPU: `lingbot.bench.bench_train` with the
-    batch size and device as arguments (bench_train builds its batch with a `state` key where
-    `flow_matching_loss` now reads `start_state`; with that fixed and a batch argument this could call it)."""
-    import torch
-
-    from lingbot.model.world_model import WorldModel, count_parameters, draw_noise, flow_matching_loss
-    from lingbot.train.loop import make_optimizer
-
-    cfg, tcfg = run_cfg.model, dataclasses.replace(run_cfg.pretrain, batch_size=batch)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WorldModel(cfg, cameras=cameras)
-    opt = make_optimizer(model, tcfg)
-    B, n, K = batch, tcfg.max_chunks, model.K
-    g = torch.Generator().manual_seed(0)
-    data = {
-        "video": torch.randn(B, n, cameras, cfg.latent_channels, latent_hw, latent_hw, generator=g),
-        "actions": torch.rand(B, n, K, 7, generator=g) * 2 - 1,
-        "action_mask": torch.ones(B, n, K, dtype=torch.bool),
-        "task": torch.randn(B, 1, cfg.text_dim, generator=g),
-        "start_state": torch.rand(B, n, 4, generator=g) * 2 - 1,
-    }
-    data = {k: v.to(device) for k, v in data.items()}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step(i):
-        noise = draw_noise(data, cfg.action_channels, tcfg.shift, tcfg.history_noise_p, torch.Generator().manual_seed(i))
-        with autocast:
-            loss = flow_matching_loss(model, data, noise, 7)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for i in range(2):
-        step(i)
-    sync()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    sync()
-    elapsed = time.perf_counter() - t0
-    counts = count_parameters(model)
-    Tv = cameras * (latent_hw // cfg.patch[0]) * (latent_hw // cfg.patch[1])
-    seq = 2 * n * Tv + 2 * n * K  # noisy + clean copies of video and action tokens
-    # Training FLOPs per sample: 6 x params x tokens per expert, plus attention (QK^T and AV, fwd+bwd).
-    flops = 6 * (counts["video"] * 2 * n * Tv + counts["action"] * 2 * n * K)
-    flops += 3 * 4 * seq * seq * cfg.heads * cfg.head_dim * cfg.depth
-    samples_per_s = B * steps / elapsed
-    result = {"batch_size": B, "chunks": n, "tokens_per_sample": seq, "params_video": counts["video"],
-              "params_action": counts["action"], "step_ms": round(1000 * elapsed / steps, 2),
-              "samples_per_s": round(samples_per_s, 2), "tokens_per_s": round(samples_per_s * seq, 1),
-              "tflops": round(samples_per_s * flops / 1e12, 4)}
-    if device.type == "cuda":
-        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return result
-
-
 def step_train(result: StepResult, args, prepared: dict) -> None:
     """Training throughput of the base preset (tiny on a CPU) at several batch sizes, MFU against the
     measured matmul peak of the same dtype."""
     import torch
 
+    from lingbot.bench import train_throughput
     from lingbot.config import preset
 
     cuda = torch.cuda.is_available() and not args.cpu
@@ -691,87 +629,11 @@ def step_train(result: StepResult, args, prepared: dict) -> None:
                   best_tokens_per_s=best["tokens_per_s"], best_batch=best["batch_size"])
 
 
-def realtime_variant(model, run_cfg, policy_cfg, mode: str, cameras: int, latent_hw: int, histories,
-                     repeats: int, diff_history: int, device, reference=None) -> dict:
-    """Chunk latency of the policy's denoising (`lingbot.policy.runtime`) with `model` as it is, under
-    `mode` (fp32, bf16-autocast, bf16-weights: the caller converts the weights), at each history length;
-    full and half-way video denoising at the longest; the cached chunk against the no-cache recompute."""
-    import statistics
-
-    import torch
-
-    from lingbot.model.world_model import KVCache
-    from lingbot.policy.runtime import chunk_noise, denoise_chunk, recompute_sequence, write_history
-
-    K, A, z = model.K, run_cfg.model.action_channels, run_cfg.model.latent_channels
-    S = run_cfg.model.state_channels
-    g = torch.Generator().manual_seed(0)
-    text = torch.randn(1, 1, run_cfg.model.text_dim, generator=g).to(device)
-    longest, chunks = max(histories), max(*histories, diff_history)
-    real = torch.randn(1, chunks, cameras, z, latent_hw, latent_hw, generator=g).to(device)
-    executed = (torch.rand(1, chunks, K, A, generator=g) * 2 - 1).to(device)
-    states = (torch.rand(1, chunks + 1, S, generator=g) * 2 - 1).to(device) if S else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode != "fp32")
-
-    def start(k):
-        return None if states is None else states[:, k]
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def timed(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append((time.perf_counter() - t0) * 1000)
-        return round(statistics.median(times), 2)
-
-    out = {}
-    with torch.no_grad(), autocast:
-        ctx = model.encode_text(text)
-        for hist in sorted(set(histories) | {diff_history}):
-            cache = KVCache(run_cfg.model.depth)
-            for k in range(hist):
-                write_history(model, cache, k, ctx, real[:, k], executed[:, k], policy_cfg.history_chunks,
-                              state=start(k))
-            x, a = chunk_noise(torch.Generator().manual_seed(hist), real.shape[2:], K, A, device)
-
-            def cached(cfg=policy_cfg, cache=cache, hist=hist, x=x, a=a):
-                size = len(cache)
-                actions, imagined = denoise_chunk(model, cache, hist, ctx, x, a, cfg, start(hist))
-                cache.truncate(size)  # drop the imagined chunk: the next repeat starts alike
-                return actions, imagined
-
-            if hist in histories:
-                out[f"latency_ms_hist{hist}"] = timed(cached)
-            if hist == longest:
-                full = dataclasses.replace(policy_cfg, video_exec_step=policy_cfg.video_steps)
-                half = dataclasses.replace(policy_cfg, video_exec_step=max(1, policy_cfg.video_steps // 2))
-                out["latency_ms_full_video_denoise"] = timed(lambda: cached(cfg=full))
-                out["latency_ms_half_video_denoise"] = timed(lambda: cached(cfg=half))
-            if hist == diff_history:
-                history = None if states is None else states[:, : hist + 1]
-                ref_actions, ref_x = recompute_sequence(model, real[:, :hist], executed[:, :hist], text, x, a,
-                                                        policy_cfg, history)
-                actions, imagined = cached()
-                out["cache_vs_recompute_max_abs_diff_actions"] = float(abs(actions - ref_actions).max())
-                out["cache_vs_recompute_max_abs_diff_video"] = float((imagined.float() - ref_x.float()).abs().max())
-                out["_actions"] = actions
-    if reference is not None and "_actions" in out:
-        out["actions_max_abs_diff_vs_fp32"] = float(abs(out["_actions"] - reference).max())
-    out["partial_denoise_speedup"] = round(out["latency_ms_full_video_denoise"] / out["latency_ms_half_video_denoise"], 3)
-    return out
-
-
 def step_realtime(result: StepResult, args, prepared: dict) -> None:
     """The paper preset's chunk latency at LIBERO-like shapes on CUDA (tiny shapes on a CPU)."""
     import torch
 
+    from lingbot.bench import chunk_latency
     from lingbot.config import preset
     from lingbot.model.world_model import WorldModel, count_parameters
 
@@ -804,7 +666,7 @@ def step_realtime(result: StepResult, args, prepared: dict) -> None:
         try:
             if mode == "bf16-weights":
                 model.to(torch.bfloat16)
-            r = realtime_variant(model, run_cfg, policy_cfg, mode, frames * cams, latent_hw, histories,
+            r = chunk_latency(model, run_cfg, policy_cfg, mode, frames * cams, latent_hw, histories,
                                  args.repeats or (2 if args.cpu else 3), diff_history, device, reference)
             if mode == "fp32":
                 reference = r.get("_actions")
