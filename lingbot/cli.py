@@ -20,7 +20,7 @@ def _run_config(args):
     from lingbot.config import load_run_config, preset
 
     run = load_run_config(args.params) if args.params else preset(args.preset)
-    if "torch" in sys.modules or args.command in TORCH_COMMANDS:
+    if args.command in TORCH_COMMANDS:
         import torch
 
         torch.set_num_threads(run.threads)
@@ -28,17 +28,11 @@ def _run_config(args):
 
 
 # Subcommands whose results are torch computations (threads pinned before any of it runs).
-TORCH_COMMANDS = ("fit-vae", "cache-latents", "pretrain", "finetune", "evaluate", "bench")
+TORCH_COMMANDS = ("fit-vae", "cache-latents", "pretrain", "finetune", "evaluate")
 
 
 def _print_json(data: dict) -> None:
     print(json.dumps(data, sort_keys=False))
-
-
-def is_timing(key: str) -> bool:
-    """Whether a metric measures time (seconds, rates, latencies): it differs on every run."""
-    return (key == "seconds" or key.startswith("latency_ms")
-            or key.endswith(("_seconds", "_per_s", "_per_s_per_core", "_hz")))
 
 
 def _write_metrics(args, data: dict) -> None:
@@ -46,7 +40,7 @@ def _write_metrics(args, data: dict) -> None:
     (`timings_path`, kept in git but not by DVC) how long it took. So `dvc.lock` records only results:
     the same params and code give the same lock file."""
     if getattr(args, "metrics", None):
-        from lingbot.fsutil import timings_path, write_json
+        from lingbot.fsutil import is_timing, timings_path, write_json
 
         numbers = {k: v for k, v in data.items() if isinstance(v, (int, float, bool))}
         write_json(Path(args.metrics), {k: v for k, v in numbers.items() if not is_timing(k)})

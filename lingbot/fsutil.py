@@ -69,6 +69,12 @@ def atomic_file(target: Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def is_timing(key: str) -> bool:
+    """Whether a result field measures time (seconds, rates, latencies): it differs on every run, so it
+    is kept beside the results, never in a hashed output."""
+    return key == "seconds" or key.startswith("latency_ms") or key.endswith(("_seconds", "_s", "_per_s_per_core", "_hz"))
+
+
 def timings_path(metrics: Path) -> Path:
     """Where a stage's timings go beside its DVC metrics file: `reports/eval.json` ->
     `reports/eval.timings.json` (in git, not in dvc.lock: they differ on every run)."""

@@ -26,7 +26,7 @@ import numpy as np
 
 from lingbot.config import ValidateConfig
 from lingbot.data.lerobot_io import DatasetLayout, column_array, iter_episode_frames, open_layout, read_frames
-from lingbot.fsutil import atomic_dir, write_json
+from lingbot.fsutil import atomic_dir, is_timing, write_json
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -252,7 +252,7 @@ def validate(path: Path, cfg: ValidateConfig, report_dir: Path | None = None) ->
         report = _report(run_suites(suites, tmp / "data_docs"), frames, episodes, t0)
         # The report holds what the data is, not how long it took: the same dataset, the same bytes.
         # (GX stamps its data docs with the run's time; `.dvcignore` keeps them out of the stage's hash.)
-        write_json(tmp / "report.json", {k: v for k, v in report.items() if k not in ("seconds", "validate_frames_per_s")})
+        write_json(tmp / "report.json", {k: v for k, v in report.items() if not is_timing(k)})
     return report
 
 

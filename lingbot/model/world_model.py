@@ -505,7 +505,7 @@ class FlowSampler:
     def __init__(self, steps: int, shift: float, live: int | None = None):
         u = torch.linspace(1.0, 0.0, steps + 1)
         self.times = shift * u / (1 + (shift - 1) * u)  # (steps + 1,)
-        self.steps, self.live = steps, live
+        self.live = live
 
     def _live_only(self, x: torch.Tensor) -> torch.Tensor:
         if self.live is None or self.live >= x.shape[-1]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from lingbot.config import EvalConfig
 from lingbot.errors import LingbotError
-from lingbot.fsutil import atomic_dir, write_json
+from lingbot.fsutil import atomic_dir, is_timing, write_json
 from lingbot.sim.metaworld import SIM_HZ, STATE_DIM, MetaWorldEnv, task_description
 
 
@@ -150,13 +150,11 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
         recorded = [r for r in results if "frames" in r]
         if recorded:
             write_videos(bundle, recorded, tmp / "videos")
-        write_json(tmp / "episodes.json", [{k: v for k, v in r.items() if k not in ("frames", "imagined", *TIMINGS)}
-                                           for r in results])
-        write_json(tmp / "timings.json", [{k: r[k] for k in ("task", "seed", *TIMINGS)} for r in results])
+        write_json(tmp / "episodes.json", [{k: v for k, v in r.items() if k not in ("frames", "imagined")
+                                            and not is_timing(k)} for r in results])
+        write_json(tmp / "timings.json", [{k: v for k, v in r.items() if k in ("task", "seed") or is_timing(k)}
+                                          for r in results])
     return summarize(results, cfg.tasks)
-
-
-TIMINGS = ("latency_ms", "wall_s")  # the per-episode fields that are measurements of time
 
 
 def summarize(results: list[dict], tasks: tuple[str, ...]) -> dict:
