@@ -265,7 +265,7 @@ def chunk_latency(model, run_cfg, policy_cfg, mode: str, cameras: int, latent_hw
             for k in range(hist):
                 write_history(model, cache, k, ctx, real[:, k], executed[:, k], policy_cfg.history_chunks,
                               state=start(k))
-            x, a = chunk_noise(torch.Generator().manual_seed(hist), real.shape[2:], K, A, device)
+            x, a, _ = chunk_noise(torch.Generator().manual_seed(hist), real.shape[2:], K, A, device)
 
             def cached(cfg=policy_cfg, cache=cache, hist=hist, x=x, a=a):
                 size = len(cache)

@@ -52,7 +52,20 @@ def _write_metrics(args, data: dict) -> None:
 def cmd_collect(args) -> int:
     from lingbot.data.collect import collect
 
-    cfg = _run_config(args).collect
+    run = _run_config(args)
+    source = run.ingest.source
+    if args.for_ingest and os.path.normpath(source) != os.path.normpath(args.out):
+        # A dataset of one's own robot: nothing to simulate. The stage still leaves its out (DVC wants it).
+        from lingbot.fsutil import atomic_dir, write_json
+
+        with atomic_dir(Path(args.out)) as tmp:
+            tmp.mkdir()
+            write_json(tmp / "SKIPPED.json", {"reason": "ingest.source reads another dataset", "source": source})
+        report = {"episodes": 0, "frames": 0}
+        _write_metrics(args, report)
+        print(f"collect: skipped, ingest.source is {source!r} (not {args.out})")
+        return 0
+    cfg = run.collect
     changes = {}
     if args.task:
         changes["tasks"] = tuple(args.task)
@@ -182,7 +195,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from lingbot.sim.evaluate import evaluate, write_plots
+    from lingbot.errors import LingbotError
 
     run = _run_config(args)
     cfg = run.evaluate
@@ -190,24 +203,57 @@ def cmd_evaluate(args) -> int:
                if getattr(args, name) is not None}
     if args.task:
         changes["tasks"] = tuple(args.task)
+    if args.env:
+        changes["env"] = args.env
     cfg = dataclasses.replace(cfg, **changes)
+    if cfg.env not in ("metaworld", "offline"):
+        raise LingbotError(f"evaluate.env must be metaworld or offline, got {cfg.env!r}")
+    if cfg.env == "offline" and not args.demos:
+        raise LingbotError("evaluate --env offline needs --demos (the ingested dataset with its held-out split)")
     policy = Path(args.policy)
     if args.checkpoint:  # assemble the bundle from the training run first (stage evaluate does)
         from lingbot.policy.bundle import write_bundle
 
         if not (args.vae and args.cache):
-            from lingbot.errors import LingbotError
-
             raise LingbotError("evaluate --checkpoint needs --vae and --cache to assemble the bundle")
-        write_bundle(policy, Path(args.checkpoint), Path(args.vae), Path(args.cache), run.policy)
-    summary = evaluate(policy, cfg, Path(args.out), progress=not args.quiet)
+        write_bundle(policy, Path(args.checkpoint), Path(args.vae), Path(args.cache), run.policy,
+                     Path(args.demos) if args.demos else None)
+    out = Path(args.out)
+    summary, results = {}, out
+    if cfg.env == "metaworld":
+        from lingbot.sim.evaluate import evaluate
+
+        summary = evaluate(policy, cfg, out, progress=not args.quiet)
+    elif out.exists():  # no simulator: nothing of an earlier rollout may stay beside the new scores
+        shutil.rmtree(out)
+    if args.demos:
+        from lingbot.eval.offline import evaluate_offline
+
+        if cfg.env == "metaworld":
+            from lingbot.sim.metaworld import task_description
+
+            tasks = tuple(task_description(t) for t in cfg.tasks)
+        else:
+            tasks = run.finetune.tasks
+        offline = evaluate_offline(policy, Path(args.demos), out / "offline", tasks, cfg.offline_episodes, cfg.seed,
+                                   cfg.videos, progress=not args.quiet)
+        summary |= {f"offline/{k}": v for k, v in offline.items()}
+        if cfg.env == "offline":
+            results = out / "offline"
     if args.tasks_tsv and args.latency_tsv:
-        write_plots(summary, Path(args.out), cfg.tasks, Path(args.tasks_tsv), Path(args.latency_tsv))
+        from lingbot.sim.evaluate import write_plots
+
+        write_plots(summary, results, cfg.tasks if cfg.env == "metaworld" else (), Path(args.tasks_tsv),
+                    Path(args.latency_tsv), Path(args.error_tsv) if args.error_tsv else None)
     _write_metrics(args, summary)
-    for task in cfg.tasks:
-        print(f"{task}: success {summary[f'{task}/success_rate']:.0%} "
-              f"[{summary[f'{task}/success_ci_low']:.2f}, {summary[f'{task}/success_ci_high']:.2f}] "
-              f"over {summary[f'{task}/episodes']} episodes")
+    if cfg.env == "metaworld":
+        for task in cfg.tasks:
+            print(f"{task}: success {summary[f'{task}/success_rate']:.0%} "
+                  f"[{summary[f'{task}/success_ci_low']:.2f}, {summary[f'{task}/success_ci_high']:.2f}] "
+                  f"over {summary[f'{task}/episodes']} episodes")
+    if "offline/action_error" in summary:
+        print(f"offline: action error {summary['offline/action_error']:.4f} (normalised) over "
+              f"{summary['offline/episodes']} held-out episodes, {summary['offline/chunks']} chunks")
     _print_json(summary)
     return 0
 
@@ -270,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="rollout processes")
     p.add_argument("--out", required=True, help="dataset directory to write (replaced atomically)")
+    p.add_argument("--for-ingest", dest="for_ingest", action="store_true",
+                   help="collect only if the params' ingest.source is --out (else leave a placeholder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
     p.set_defaults(func=cmd_collect)
@@ -339,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="training checkpoint to assemble the bundle from (with --vae, --cache)")
     p.add_argument("--vae", help="VAE directory the checkpoint was trained with")
     p.add_argument("--cache", help="latent cache the checkpoint was trained on (stats, task embeddings)")
+    p.add_argument("--demos", help="ingested dataset: score the policy open loop on its held-out episodes too")
+    p.add_argument("--env", choices=["metaworld", "offline"], help="override evaluate.env")
     p.add_argument("--task", action="append", help="MetaWorld task id (repeatable; default: params)")
     p.add_argument("--episodes", type=int, help="episodes per task")
     p.add_argument("--seed", type=int, help="first episode seed (default: params; another base gives a tuning set)")
@@ -347,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results directory (episodes.json, videos/)")
     p.add_argument("--tasks-tsv", dest="tasks_tsv", help="per-task success plot (TSV)")
     p.add_argument("--latency-tsv", dest="latency_tsv", help="latency per chunk plot (TSV)")
+    p.add_argument("--error-tsv", dest="error_tsv", help="open-loop action error per horizon step plot (TSV)")
     p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)

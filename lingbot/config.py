@@ -157,7 +157,13 @@ class TrainConfig:
     # which commit the arm to a direction, then get about 1.5x the training slots of later ones.
     episode_start_p: float = 0.25
     shift: float = 3.0  # flow-time schedule shift
-    history_noise_p: float = 0.5  # noisy-history augmentation probability
+    history_noise_p: float = 0.5  # noisy-history augmentation: per sample, all chunks at one level in [0, 0.5]
+    # Per-chunk history noise on top: each chunk's clean video independently, with this probability,
+    # re-noised to a level in [0, chunk_noise_max] (the higher of the two levels counts). A chunk whose
+    # video is heavily noised teaches the action expert to act from the real history before it and the
+    # state, as it must when the imagined future is poor (the policy's `imagined_noise`).
+    chunk_noise_p: float = 0.0
+    chunk_noise_max: float = 1.0
     video_weight: float = 1.0
     action_weight: float = 1.0
     checkpoint_every: int = 100
@@ -183,6 +189,10 @@ class PolicyConfig:
     video_steps: int = 6  # Euler steps of the video flow (the full schedule)
     video_exec_step: int = 6  # stop the video after this many steps and decode actions from it
     action_steps: int = 10  # Euler steps of the action flow
+    # The fully imagined latent is re-noised to this flow time before the actions are decoded from it
+    # (0: decoded from the sample itself): the actions then lean on the real history and the state
+    # more than on the details of one imagined future. Pair it with training's `chunk_noise_p`.
+    imagined_noise: float = 0.0
     shift: float = 3.0  # sampling schedule shift (s > 1: more steps at high noise), training's by default
     history_chunks: int = 6  # KV-cache ring window in chunks (0: the whole episode)
     asynchronous: bool = False  # compute chunk k+1 while chunk k executes
@@ -193,13 +203,17 @@ class PolicyConfig:
 class EvalConfig:
     """Simulation evaluation of the fine-tuned policy (stage evaluate)."""
 
+    # "metaworld": closed-loop rollouts of `tasks` (and the open-loop scores of their held-out demos);
+    # "offline": no simulator: the policy scored open loop on the split's held-out episodes only.
+    env: str = "metaworld"
     tasks: tuple[str, ...] = ("drawer-open-v3",)  # MetaWorld task ids
     episodes: int = 10  # per task
     seed: int = 100_000  # held-out: collect's seeds are derived from small run seeds
     max_steps: int = 150  # recorded steps (as collect's) before an episode counts as failed
     workers: int = 2  # rollout processes
     threads: int = 1  # torch threads per rollout process (a param: the policy's floats depend on it)
-    videos: int = 2  # rollout MP4s written (predicted video next to the real frames)
+    videos: int = 2  # rollout MP4s written (predicted video next to the real frames); offline: figures
+    offline_episodes: int = 0  # held-out episodes scored open loop (0: all of the evaluated tasks')
 
 
 @dataclass(frozen=True)
@@ -209,7 +223,10 @@ class PublishConfig:
     repo_id: str = "lingbot/metaworld-drawer-open"
     target: str = "local"  # "local": a directory laid out like the Hub repo; "hub": the Hugging Face Hub
     local_dir: str = "hub"  # the local hub's root (target local)
-    min_success: float = 0.0  # publish only when the overall success rate reaches this
+    min_success: float = 0.0  # publish only when the overall success rate reaches this (a simulator ran)
+    # Without a simulator (evaluate.env offline): publish only when the open-loop action error on the
+    # held-out episodes (normalised units: the dataset's q01..q99 span is 2) is at most this.
+    max_action_error: float = 0.25
     private: bool = False
 
 

@@ -16,6 +16,33 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def dvc(workdir, *args, check=True):
+    """`dvc <args>` in `workdir`; a failure quotes its output."""
+    import subprocess
+
+    proc = subprocess.run(["dvc", *args], cwd=workdir, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def new_project(tmp_path_factory, name: str, params: dict) -> Path:
+    """A fresh DVC project of the real dvc.yaml, stages and library, with `params` as params.yaml."""
+    import yaml
+
+    if shutil.which("dvc") is None:
+        pytest.fail("dvc is not on PATH: run the tests through .ci/env")
+    work = tmp_path_factory.mktemp(name)
+    for part in ("lingbot", "stages"):
+        shutil.copytree(REPO / part, work / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / part, work / part)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc(work, "init", "--no-scm", "-q")
+    dvc(work, "config", "core.analytics", "false")
+    return work
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from lingbot.config import preset

@@ -112,6 +112,20 @@ def test_first_chunk_of_a_window_is_context_only():
         flow_matching_loss(model, _loss_batch(n=1), draw_noise(_loss_batch(n=1), 16, 3.0, 0.0), A)
 
 
+def test_per_chunk_history_noise_levels_each_chunk_and_is_off_by_default():
+    model, batch = tiny_model(), _loss_batch()
+    off = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0))
+    on = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0), 1.0, 1.0)
+    assert all(torch.equal(off[k], on[k]) for k in off if k != "chunk_history")  # drawn after the rest
+    assert not off["chunk_history"].any()
+    levels = on["chunk_history"]
+    assert levels.shape == (2, N) and (levels.std(dim=1) > 0).all() and levels.max() <= 1.0
+    without = {k: v for k, v in off.items() if k != "chunk_history"}
+    with torch.no_grad():  # off: exactly the per-sample augmentation alone
+        assert flow_matching_loss(model, batch, off, A)["loss"] == flow_matching_loss(model, batch, without, A)["loss"]
+        assert flow_matching_loss(model, batch, on, A)["loss"] != flow_matching_loss(model, batch, off, A)["loss"]
+
+
 def test_padding_action_channels_are_zero_in_training_and_sampling():
     """The robot uses A of the model's 16 action channels: the rest must look alike when trained and sampled."""
     from lingbot.model.world_model import KVCache
@@ -135,7 +149,7 @@ def test_padding_action_channels_are_zero_in_training_and_sampling():
         executed = torch.zeros(1, K, 16)
         write_history(model, cache, 0, text, torch.randn(1, C, Z, H, W, generator=g), executed, 0,
                       state=torch.zeros(1, 16))
-        x, a = chunk_noise(g, (C, Z, H, W), K, 16, "cpu")
+        x, a, _ = chunk_noise(g, (C, Z, H, W), K, 16, "cpu")
         cfg = PolicyConfig(video_steps=2, video_exec_step=2, action_steps=4, history_chunks=0)
         actions, _ = denoise_chunk(model, cache, 1, text, x, a, cfg, torch.zeros(1, 16), action_dim=A)
     hook.remove()

@@ -1,12 +1,11 @@
 """`dvc repro` over the real dvc.yaml and stages on a tiny params set: runs, caches, and gates."""
 
-import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, dvc as _dvc, new_project
 
 TINY_PARAMS = {
     "preset": "tiny",
@@ -27,25 +26,8 @@ TINY_PARAMS = {
 STAGES = ("collect", "ingest", "validate", "fit_vae", "cache_latents", "pretrain", "finetune", "evaluate", "publish")
 
 
-def _dvc(workdir, *args, check=True):
-    proc = subprocess.run(["dvc", *args], cwd=workdir, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
 def _new_project(tmp_path_factory, name):
-    if shutil.which("dvc") is None:
-        pytest.fail("dvc is not on PATH: run the tests through .ci/env")
-    work = tmp_path_factory.mktemp(name)
-    for name in ("lingbot", "stages"):
-        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, work / name)
-    (work / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-    _dvc(work, "init", "--no-scm", "-q")
-    _dvc(work, "config", "core.analytics", "false")
-    return work
+    return new_project(tmp_path_factory, name, TINY_PARAMS)
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,11 @@ def _drive(session, frames, chunks):
     return out
 
 
-@pytest.mark.parametrize("history_chunks", [0, 2])
-def test_cached_decoding_equals_recomputing_the_whole_sequence(tiny_bundle, history_chunks):
-    policy = load_policy(tiny_bundle, history_chunks=history_chunks, video_steps=4, video_exec_step=2, action_steps=3)
+@pytest.mark.parametrize("history_chunks, exec_step, imagined_noise", [(0, 2, 0.0), (2, 2, 0.0), (2, 4, 0.6)])
+def test_cached_decoding_equals_recomputing_the_whole_sequence(tiny_bundle, history_chunks, exec_step,
+                                                               imagined_noise):
+    policy = load_policy(tiny_bundle, history_chunks=history_chunks, video_steps=4, video_exec_step=exec_step,
+                         action_steps=3, imagined_noise=imagined_noise)
     session = policy.new_session()
     chunks = 5
     _drive(session, _frames(policy, 4 * chunks), chunks)
@@ -43,6 +45,42 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(tiny_bundle, hist
     assert (imagined[0] - session.imagined_latents[-1]).abs().max().item() <= 1e-4
     if history_chunks:  # the ring window keeps the cache bounded
         assert session.cache.block.min().item() > 2 * (chunks - history_chunks) - 2
+
+
+def test_imagined_noise_changes_only_what_the_actions_read(tiny_bundle):
+    """Re-noising the imagined latent leaves the imagined video alone and moves the decoded actions."""
+    frames = _frames(policy := load_policy(tiny_bundle, video_steps=2, video_exec_step=2), 12, seed=3)
+    plain = policy.new_session(seed=5)
+    base = _drive(plain, frames, 3)
+    noisy = load_policy(tiny_bundle, video_steps=2, video_exec_step=2, imagined_noise=0.7).new_session(seed=5)
+    moved = _drive(noisy, frames, 3)
+    assert torch.equal(plain.imagined_latents[0], noisy.imagined_latents[0])
+    assert not np.allclose(base[0], moved[0])
+    with pytest.raises(Exception, match="imagined_noise"):
+        load_policy(tiny_bundle, video_steps=4, video_exec_step=2, imagined_noise=0.5)
+
+
+def test_corrected_actions_become_the_grounded_history(tiny_bundle):
+    """What the robot really executed (correct_executed) is what the next chunk is grounded on."""
+    policy = load_policy(tiny_bundle, video_steps=2, video_exec_step=2, action_steps=2)
+    frames = _frames(policy, 8, seed=4)
+    plain, corrected = policy.new_session(seed=1), policy.new_session(seed=1)
+    for session in (plain, corrected):
+        first = session.infer(frames[0])
+        if session is corrected:
+            session.correct_executed(np.zeros_like(first))
+        for frame in frames[1:4]:
+            session.observe(frame)
+        session.infer(frames[4])
+    assert np.array_equal(corrected.executed[1], policy.layout.to_model(np.zeros_like(first)))
+    assert not np.array_equal(plain.executed[1], corrected.executed[1])
+    with pytest.raises(Exception, match="expected actions of shape"):
+        corrected.correct_executed(np.zeros((1, 1)))
+    eager = load_policy(tiny_bundle, asynchronous=True).new_session()
+    eager.infer(frames[0])
+    with pytest.raises(Exception, match="asynchronous"):
+        eager.correct_executed(np.zeros_like(first))
+    eager.close()
 
 
 def test_session_is_deterministic_and_isolated(tiny_bundle):

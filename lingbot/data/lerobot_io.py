@@ -194,6 +194,16 @@ def read_state_action(layout: DatasetLayout, state_key: str, action_key: str):
     return episode_index, column_array(table, state_key, where), column_array(table, action_key, where)
 
 
+def channel_names(names, dim: int) -> list[str]:
+    """A vector feature's channel names in vector order: LeRobot writes a list, or a dict holding one
+    list (e.g. {"motors": [...]}); anything else, or a wrong length, gives a0..a{dim-1}."""
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    if isinstance(names, (list, tuple)) and len(names) == dim and all(isinstance(n, str) for n in names):
+        return list(names)
+    return [f"a{i}" for i in range(dim)]
+
+
 def fingerprint(root: Path) -> str:
     """sha256 over every file's relative path and content: changes whenever the dataset does."""
     digest = hashlib.sha256()

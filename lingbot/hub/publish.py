@@ -38,26 +38,37 @@ from lingbot.hub.manifest import (
 )
 
 TARGETS = ("local", "hub")
+GATED = ("success_rate", "offline/action_error")  # the gate's figure, by preference
 
 
 def read_metrics(path: Path) -> dict:
     from lingbot.fsutil import read_json, timings_path
 
     metrics = read_json(Path(path), "evaluation metrics not found; run stage evaluate first")
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("success_rate"), (int, float)):
-        raise LingbotError(f"{path}: no numeric success_rate; not an evaluation report")
+    if not isinstance(metrics, dict) or not any(isinstance(metrics.get(k), (int, float)) for k in GATED):
+        raise LingbotError(f"{path}: neither a numeric success_rate nor an offline/action_error; "
+                           "not an evaluation report")
     timings = timings_path(Path(path))  # latency and control rate, for the model card
     if timings.is_file():
         metrics = {**read_json(timings, "evaluation timings unreadable"), **metrics}
     return metrics
 
 
+def gate_metric(metrics: dict) -> tuple[str, float]:
+    """What the gate reads: the simulator's success rate when one ran, else the open-loop action error."""
+    key = next(k for k in GATED if isinstance(metrics.get(k), (int, float)))
+    return key, float(metrics[key])
+
+
 def check_gate(metrics: dict, cfg: PublishConfig, where: Path) -> None:
-    rate = float(metrics["success_rate"])
-    if rate < cfg.min_success:
+    key, value = gate_metric(metrics)
+    if key == "success_rate" and value < cfg.min_success:
         raise LingbotError(
-            f"{where}: success_rate {rate:.3f} is below publish.min_success {cfg.min_success:.3f}; not publishing"
+            f"{where}: success_rate {value:.3f} is below publish.min_success {cfg.min_success:.3f}; not publishing"
         )
+    if key == "offline/action_error" and value > cfg.max_action_error:
+        raise LingbotError(f"{where}: offline/action_error {value:.4f} is above publish.max_action_error "
+                           f"{cfg.max_action_error:.4f}; not publishing")
 
 
 def _check_config(cfg: PublishConfig) -> None:
@@ -116,8 +127,8 @@ def publish(bundle: Path, eval_path: Path, cfg: PublishConfig, *, params: Path |
         report = _publish_local(cfg, inputs)
     else:
         report = _publish_hub(cfg, inputs)
-    return {"repo_id": cfg.repo_id, "target": cfg.target, **report,
-            "success_rate": float(metrics["success_rate"])}
+    key, value = gate_metric(metrics)
+    return {"repo_id": cfg.repo_id, "target": cfg.target, **report, key: value}
 
 
 def _summary(tag: str, commit: str, manifest: dict, where: str) -> dict:
@@ -177,7 +188,7 @@ def _publish_hub(cfg: PublishConfig, inputs: dict) -> dict:
         try:
             info = api.create_commit(repo_id, operations=operations, commit_message=f"Release {tag}",
                                      commit_description=f"lingbot release {tag}: {len(release)} files, "
-                                     f"success_rate {inputs['metrics']['success_rate']}",
+                                     "%s %s" % gate_metric(inputs['metrics']),
                                      parent_commit=head)
         except unreachable as exc:
             raise hub_error(exc, f"{repo_id}: the Hub refused the release commit; no tag was created") from None

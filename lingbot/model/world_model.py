@@ -466,7 +466,8 @@ def sample_times(shape, shift: float, generator=None, device=None) -> torch.Tens
 
 
 def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p: float,
-               generator: torch.Generator | None = None) -> dict:
+               generator: torch.Generator | None = None, chunk_noise_p: float = 0.0,
+               chunk_noise_max: float = 1.0) -> dict:
     """Every random draw of one teacher-forced step, for the whole (global) batch.
 
     Drawn apart from the loss so that data-parallel ranks can draw the global batch's noise from one
@@ -483,6 +484,9 @@ def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p:
         "eps_action": torch.randn(action_shape, generator=g),
         "history": (torch.rand(B, generator=g) < history_noise_p) * torch.rand(B, generator=g) * 0.5,
         "eps_history": torch.randn(video.shape, generator=g),
+        # drawn last: the draws above are the same with or without per-chunk noise
+        "chunk_history": (torch.rand(B, n, generator=g) < chunk_noise_p) * torch.rand(B, n, generator=g)
+        * chunk_noise_max,
     }
 
 
@@ -550,8 +554,11 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
 
     noisy_v = mix(video, nz["eps_video"], t_v, 4)
     noisy_a = mix(actions, eps_action, t_a, 2)
-    # Noisy-history augmentation: the clean video history re-noised to a level in [0, 0.5] (told to the model).
+    # Noisy-history augmentation: the clean video history re-noised to a level in [0, 0.5] per sample,
+    # or higher per chunk (`chunk_history`), told to the model.
     t_h = nz["history"][:, None].expand(B, n)
+    if "chunk_history" in nz:
+        t_h = torch.maximum(t_h, nz["chunk_history"])
     clean_v = mix(video, nz["eps_history"], t_h, 4)
 
     state = pad_channels(batch["start_state"], cfg.state_channels, "state") if cfg.state_channels else None

@@ -4,7 +4,8 @@ One layout serves evaluation, the release on the Hub, `lingbot pull` and `lingbo
 
     policy.json            format, model config, cameras (LeRobot keys), image size [H, W], actions per
                            chunk, the robot's action and state dims and keys, fps, policy config, text encoder,
-                           provenance (fingerprints of the dataset / VAE / cache it was trained from)
+                           provenance (fingerprints of the dataset / VAE / cache it was trained from),
+                           robot (type, action and state channel names in vector order), when known
     model.safetensors      world-model weights (the training run's EMA weights)
     normalization.json     q01/q99 (and mean/std) of the robot's actions and states
     tasks.safetensors      "embeddings" (n_tasks, 1, text_dim) for the task strings in policy.json
@@ -29,8 +30,11 @@ FORMAT = "lingbot-policy/1"
 FILES = ("policy.json", "model.safetensors", "normalization.json", "tasks.safetensors", "vae")
 
 
-def write_bundle(out: Path, checkpoint: Path, vae_dir: Path, cache: Path, policy_cfg: PolicyConfig) -> dict:
-    """Assemble a bundle from a training checkpoint, the VAE and the latent cache it was trained on."""
+def write_bundle(out: Path, checkpoint: Path, vae_dir: Path, cache: Path, policy_cfg: PolicyConfig,
+                 demos: Path | None = None) -> dict:
+    """Assemble a bundle from a training checkpoint, the VAE and the latent cache it was trained on;
+    `demos` (the ingested dataset) adds the robot's description: type and the names of its action and
+    state channels, in the order the vectors hold them."""
     from safetensors.torch import load_file, save_file
 
     from lingbot.vae.wan import spatial_ratio
@@ -67,6 +71,14 @@ def write_bundle(out: Path, checkpoint: Path, vae_dir: Path, cache: Path, policy
         "policy": to_dict(policy_cfg),
         "provenance": {"cache": manifest["fingerprints"], "train": ckpt.get("train", {}), "step": ckpt.get("step")},
     }
+    if demos is not None:
+        from lingbot.data.lerobot_io import channel_names
+
+        described = json.loads((Path(demos) / "lingbot.json").read_text())
+        names = described.get("names") or {}
+        meta["robot"] = {"type": described.get("robot_type"),
+                         "action_names": channel_names(names.get(manifest["action_key"]), meta["action_dim"]),
+                         "state_names": channel_names(names.get(manifest["state_key"]), meta["state_dim"])}
     with atomic_dir(Path(out)) as tmp:
         tmp.mkdir()
         (tmp / "policy.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -44,10 +44,24 @@ from lingbot.config import PolicyConfig, override
 
 
 def chunk_noise(generator: torch.Generator, latent_shape, K: int, action_channels: int, device):
-    """The starting noise of one chunk: video (1, cams, z, h, w) then actions (1, K, A), in that order."""
+    """The noise of one chunk, in this order: the video's start (1, cams, z, h, w), the actions' start
+    (1, K, A), and the noise the imagined latent is re-noised with (`PolicyConfig.imagined_noise`)."""
     x = torch.randn((1, *latent_shape), generator=generator).to(device)
     a = torch.randn((1, K, action_channels), generator=generator).to(device)
-    return x, a
+    r = torch.randn((1, *latent_shape), generator=generator).to(device)
+    return x, a, r
+
+
+def imagined_history(x: torch.Tensor, level: torch.Tensor, cfg: PolicyConfig, renoise: torch.Tensor | None):
+    """The imagined latent x (at flow time `level`) as the actions will read it: re-noised to
+    `cfg.imagined_noise` when that is higher (x must then be fully denoised). Returns (latent, level)."""
+    if cfg.imagined_noise <= float(level):
+        return x, level
+    if float(level) > 0 or renoise is None:
+        raise ValueError("imagined_noise re-noises a fully denoised latent: needs video_exec_step == video_steps "
+                         "and the chunk's re-noise draw")
+    t = cfg.imagined_noise
+    return (1 - t) * x + t * renoise, torch.full_like(level, t)
 
 
 @torch.no_grad()
@@ -66,11 +80,12 @@ def write_history(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
 
 @torch.no_grad()
 def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Tensor, x: torch.Tensor,
-                  a: torch.Tensor, cfg: PolicyConfig, state=None, action_dim: int | None = None
-                  ) -> tuple[np.ndarray, torch.Tensor]:
+                  a: torch.Tensor, cfg: PolicyConfig, state=None, action_dim: int | None = None,
+                  renoise: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """Steps 2 and 3 of the module docstring against `cache`: the imagined video stays in the cache.
     state (1, S): the robot state the chunk's actions start from (models with a state input);
-    action_dim: the robot's action channels (the rest are padding, held at 0 as in training).
+    action_dim: the robot's action channels (the rest are padding, held at 0 as in training);
+    renoise: chunk_noise's third draw (used when `cfg.imagined_noise` > 0).
 
     Returns the action chunk (K, A_model) in -1..1 and the imagined latent (1, cams, z, h, w).
     """
@@ -79,8 +94,8 @@ def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
     for i in range(cfg.video_exec_step):
         v, _ = model.step(cache, chunk, text, video=x, t_video=video.t(i, x.device), window_chunks=window)
         x = video.step(x, v, i)
-    level = video.t(cfg.video_exec_step, x.device)
-    model.step(cache, chunk, text, video=x, t_video=level, clean=True, window_chunks=window)
+    history, level = imagined_history(x, video.t(cfg.video_exec_step, x.device), cfg, renoise)
+    model.step(cache, chunk, text, video=history, t_video=level, clean=True, window_chunks=window)
     act = FlowSampler(cfg.action_steps, cfg.shift, live=action_dim)
     a = act.start(a)
     for i in range(cfg.action_steps):
@@ -164,6 +179,10 @@ class Policy:
         self.cfg = override(PolicyConfig(), {**self.meta["policy"], **(overrides or {})})
         if not 1 <= self.cfg.video_exec_step <= self.cfg.video_steps:
             raise LingbotError(f"policy: video_exec_step must be in 1..video_steps ({self.cfg.video_steps})")
+        if not 0 <= self.cfg.imagined_noise < 1 or (self.cfg.imagined_noise
+                                                    and self.cfg.video_exec_step < self.cfg.video_steps):
+            raise LingbotError("policy: imagined_noise must be in [0, 1) and needs the video denoised in full "
+                               f"(video_exec_step == video_steps), got {self.cfg.imagined_noise}")
         self.device = torch.device(device)
         self.cameras = list(self.meta["cameras"])
         self.K = int(self.meta["actions_per_chunk"])
@@ -259,6 +278,21 @@ class Session:
         self.executing, self.executing_state = actions, state
         return self.policy.layout.to_robot(actions)
 
+    def correct_executed(self, actions: np.ndarray) -> None:
+        """The robot executed `actions` (K, action_dim), robot units, instead of the chunk `infer` returned
+        (a safety filter clipped it, a teleoperator took over, a recorded episode is replayed): the next
+        `infer` grounds these as the chunk's history. Synchronous sessions only."""
+        if self._executor is not None:
+            raise LingbotError("correct_executed: an asynchronous session has already imagined ahead from the "
+                               "returned chunk (set asynchronous: false)")
+        if self.executing is None:
+            raise LingbotError("correct_executed: no chunk is executing (call infer first)")
+        actions = np.asarray(actions, np.float32)
+        if actions.shape != (self.K, self.policy.layout.robot_dim):
+            raise LingbotError(f"correct_executed: expected actions of shape {(self.K, self.policy.layout.robot_dim)}, "
+                               f"got {actions.shape}")
+        self.executing = self.policy.layout.to_model(actions)
+
     def select_action(self, observation: dict) -> np.ndarray:
         """LeRobot's per-step contract: one action (action_dim,); a new chunk every K steps."""
         if not self.queue:
@@ -335,12 +369,12 @@ class Session:
         """Imagine the video of `chunk` (written into the cache) and decode its actions (K, A_model),
         starting from robot state `state`."""
         p = self.policy
-        x, a = chunk_noise(self._generator(chunk), self.real_latents[-1].shape, self.K,
-                           p.model.cfg.action_channels, p.device)
+        x, a, r = chunk_noise(self._generator(chunk), self.real_latents[-1].shape, self.K,
+                              p.model.cfg.action_channels, p.device)
         self.imagined_at = len(self.cache)
         del self.start_states[chunk:]
         self.start_states.append(state)
-        return denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg, state, p.layout.robot_dim)
+        return denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg, state, p.layout.robot_dim, r)
 
     def _ground_and_predict(self, latent: torch.Tensor, state: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor]:
         self._ground(latent, self.executing, self.executing_state if self.chunk else state)
@@ -396,18 +430,19 @@ def recompute_chunk(session: Session, chunk: int) -> tuple[np.ndarray, torch.Ten
     p = session.policy
     real = torch.stack(session.real_latents[:chunk])[None].to(p.device)  # (1, chunk, cams, z, h, w)
     executed = torch.from_numpy(np.stack(session.executed[:chunk]))[None].to(p.device)  # (1, chunk, K, A)
-    x, a = chunk_noise(session._generator(chunk), real.shape[2:], p.K, p.model.cfg.action_channels, p.device)
+    x, a, r = chunk_noise(session._generator(chunk), real.shape[2:], p.K, p.model.cfg.action_channels, p.device)
     states = None
     if p.state_layout is not None:
         states = torch.stack([s[0] for s in session.start_states[: chunk + 1]])[None]  # (1, chunk + 1, S)
     return recompute_sequence(p.model, real, executed, p.task_embedding(session.task), x, a, p.cfg, states,
-                              p.layout.robot_dim)
+                              p.layout.robot_dim, r)
 
 
 @torch.no_grad()
 def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Tensor, text: torch.Tensor,
                        x: torch.Tensor, a: torch.Tensor, cfg: PolicyConfig, states=None,
-                       action_dim: int | None = None) -> tuple[np.ndarray, torch.Tensor]:
+                       action_dim: int | None = None, renoise: torch.Tensor | None = None
+                       ) -> tuple[np.ndarray, torch.Tensor]:
     """Reference without a cache: `denoise_chunk` where every Euler step is a teacher-forced forward.
 
     real (1, k, cams, z, h, w) and executed (1, k, K, A): the grounded history of chunks < k; the chunk
@@ -437,10 +472,10 @@ def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Te
     for i in range(cfg.video_exec_step):
         v, _ = run(x, video.times[i], torch.zeros_like(x), 0.0, a, 0.0)
         x = video.step(x, v, i)
-    level = video.times[cfg.video_exec_step]
+    history, level = imagined_history(x, video.times[cfg.video_exec_step : cfg.video_exec_step + 1], cfg, renoise)
     act = FlowSampler(cfg.action_steps, cfg.shift, live=action_dim)
     a = act.start(a)
     for i in range(cfg.action_steps):
-        _, v = run(torch.zeros_like(x), 0.0, x, level, a, act.times[i])
+        _, v = run(torch.zeros_like(x), 0.0, history, level, a, act.times[i])
         a = act.step(a, v, i)
     return a[0].clamp(-1, 1).cpu().numpy(), x

@@ -204,14 +204,27 @@ def write_videos(bundle: Path, recorded: list[dict], out: Path) -> None:
                 container.mux(packet)
 
 
-def write_plots(summary: dict, results_dir: Path, tasks: tuple[str, ...], tasks_tsv: Path, latency_tsv: Path) -> None:
-    """DVC plots: per-task success bars, and the mean policy latency per chunk index."""
-    from lingbot.fsutil import atomic_file
+def write_plots(summary: dict, results_dir: Path, tasks: tuple[str, ...], tasks_tsv: Path, latency_tsv: Path,
+                error_tsv: Path | None = None) -> None:
+    """DVC plots: per-task success bars (and each task's open-loop action error), the mean policy
+    latency per chunk index, and the open-loop action error per horizon step (`error_tsv`).
 
+    `tasks`: the simulated ones; none (offline evaluation) lists the tasks scored open loop, without
+    success columns. `results_dir` holds the timings.json the latencies come from.
+    """
+    from lingbot.fsutil import atomic_file
+    from lingbot.sim.metaworld import task_description
+
+    def fmt(key: str, spec: str = ".4f") -> str:
+        return format(summary[key], spec) if key in summary else "nan"
+
+    offline_tasks = sorted({k[len("offline/"):].rpartition("/")[0] for k in summary
+                            if k.startswith("offline/") and k.endswith("/task_action_error")})
+    rows = [(t, task_description(t)) for t in tasks] or [(t, t) for t in offline_tasks]
     with atomic_file(tasks_tsv) as tmp:
-        lines = ["task\tsuccess_rate\tci_low\tci_high\tepisodes"]
-        lines += [f"{t}\t{summary[f'{t}/success_rate']:.4f}\t{summary[f'{t}/success_ci_low']:.4f}\t"
-                  f"{summary[f'{t}/success_ci_high']:.4f}\t{summary[f'{t}/episodes']}" for t in tasks]
+        lines = ["task\tsuccess_rate\tci_low\tci_high\tepisodes\taction_error"]
+        lines += [f"{t}\t{fmt(f'{t}/success_rate')}\t{fmt(f'{t}/success_ci_low')}\t{fmt(f'{t}/success_ci_high')}\t"
+                  f"{fmt(f'{t}/episodes', 'g')}\t{fmt(f'offline/{d}/task_action_error', '.5f')}" for t, d in rows]
         tmp.write_text("\n".join(lines) + "\n")
     episodes = json.loads((results_dir / "timings.json").read_text())
     longest = max(len(e["latency_ms"]) for e in episodes)
@@ -221,3 +234,8 @@ def write_plots(summary: dict, results_dir: Path, tasks: tuple[str, ...], tasks_
             values = [e["latency_ms"][k] for e in episodes if len(e["latency_ms"]) > k]
             lines.append(f"{k}\t{np.mean(values):.3f}\t{len(values)}")
         tmp.write_text("\n".join(lines) + "\n")
+    if error_tsv is not None:
+        steps = sorted(int(k.rpartition("step")[2]) for k in summary if k.startswith("offline/action_error_step"))
+        with atomic_file(error_tsv) as tmp:
+            lines = ["step\taction_error"] + [f"{i}\t{summary[f'offline/action_error_step{i}']:.5f}" for i in steps]
+            tmp.write_text("\n".join(lines) + "\n")

@@ -277,7 +277,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         batch = sampler.batch(step)
         noise = draw_noise(batch, model_cfg.action_channels, cfg.shift, cfg.history_noise_p,
-                           torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+                           torch.Generator().manual_seed(cfg.seed * 1_000_003 + step), cfg.chunk_noise_p,
+                           cfg.chunk_noise_max)
         total = {"loss": 0.0, "video": 0.0, "action": 0.0}
         for a in range(cfg.grad_accum):
             lo = rank * per_rank + a * micro

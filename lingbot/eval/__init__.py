@@ -1,0 +1,1 @@
+"""Evaluation that is not a simulator rollout: a policy scored on recorded episodes (offline.py)."""
