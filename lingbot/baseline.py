@@ -137,7 +137,7 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
 
 def train_bc(data: dict, cfg: BCConfig, progress: bool = True) -> tuple[ImageBC, list[float], float]:
     """Fit the baseline on `data` (load_demos); returns the model, the loss per step and the seconds."""
-    from tqdm import tqdm
+    from lingbot.progress import progress_bar
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -151,7 +151,7 @@ def train_bc(data: dict, cfg: BCConfig, progress: bool = True) -> tuple[ImageBC,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     losses, start = [], time.perf_counter()
     model.train()
-    for _ in tqdm(range(cfg.steps), desc="bc", disable=not progress):
+    for _ in progress_bar(progress, iterable=range(cfg.steps), desc="bc"):
         rows = torch.randint(0, len(images), (cfg.batch_size,), generator=generator)
         batch = random_shift(images[rows].float().div(127.5).sub(1.0), cfg.shift, generator)
         loss = F.l1_loss(model(batch, state[rows]), actions[rows])

@@ -391,6 +391,23 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     return result
 
 
+def _same_recipe(checkpoint: Path, model_cfg, train_cfg) -> bool:
+    """Whether `checkpoint` was trained with this model and training config (fields it predates at
+    their defaults): only then may a benchmark reuse it instead of training its own."""
+    from lingbot.config import to_dict
+
+    path = checkpoint / "config.json"
+    if not (checkpoint / "trainer.json").is_file() or not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    for key, cfg in (("model", model_cfg), ("train", train_cfg)):
+        defaults = json.loads(json.dumps(to_dict(type(cfg)())))
+        wanted = json.loads(json.dumps(to_dict(cfg)))
+        if any(saved[key].get(name, defaults[name]) != value for name, value in wanted.items()):
+            return False
+    return True
+
+
 def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_run: bool,
                 target: str | None = None) -> dict:
     """The recipe, not one draw of it: pretrain -> finetune -> bundle -> evaluate once per chain seed.
@@ -436,7 +453,7 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
         if not result.is_file():
             cfg = chain_seeds(run_cfg, seed, sections=("pretrain", "finetune", "policy"))
             pretrain = work / "pretrain" / "checkpoint"
-            if seed == run_cfg.seed and Path("models/pretrain/checkpoint/trainer.json").is_file():
+            if seed == run_cfg.seed and _same_recipe(Path("models/pretrain/checkpoint"), cfg.model, cfg.pretrain):
                 pretrain = Path("models/pretrain/checkpoint")
             t0 = time.perf_counter()
             if not (pretrain / "trainer.json").is_file() or json.loads(

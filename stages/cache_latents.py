@@ -6,4 +6,4 @@ from lingbot.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["cache-latents", "data/demos", "--vae", "models/vae", "--params", "params.yaml",
-                   "--out", "data/latents", "--metrics", "reports/latents.json", "--quiet"]))
+                   "--out", "data/latents", "--metrics", "reports/latents.json"]))

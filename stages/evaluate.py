@@ -9,4 +9,4 @@ if __name__ == "__main__":
                    "--checkpoint", "models/finetune/checkpoint", "--vae", "models/vae", "--cache", "data/latents",
                    "--demos", "data/demos", "--out", "reports/eval", "--tasks-tsv", "reports/eval_tasks.tsv",
                    "--latency-tsv", "reports/eval_latency.tsv",
-                   "--error-tsv", "reports/eval_action_error.tsv", "--metrics", "reports/eval.json", "--quiet"]))
+                   "--error-tsv", "reports/eval_action_error.tsv", "--metrics", "reports/eval.json"]))

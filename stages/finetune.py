@@ -6,4 +6,4 @@ from lingbot.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["finetune", "data/latents", "--params", "params.yaml", "--out", "models/finetune", "--init", "models/pretrain/checkpoint",
-                   "--log", "reports/finetune_loss.tsv", "--metrics", "reports/finetune.json", "--quiet"]))
+                   "--log", "reports/finetune_loss.tsv", "--metrics", "reports/finetune.json"]))

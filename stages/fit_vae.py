@@ -7,4 +7,4 @@ from lingbot.cli import main
 if __name__ == "__main__":
     sys.exit(main(["fit-vae", "data/demos", "--params", "params.yaml", "--out", "models/vae",
                    "--grid", "reports/vae_grid.png", "--log", "reports/vae_train.tsv",
-                   "--metrics", "reports/vae.json", "--quiet"]))
+                   "--metrics", "reports/vae.json"]))

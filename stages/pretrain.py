@@ -6,4 +6,4 @@ from lingbot.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["pretrain", "data/latents", "--params", "params.yaml", "--out", "models/pretrain",
-                   "--log", "reports/pretrain_loss.tsv", "--metrics", "reports/pretrain.json", "--quiet"]))
+                   "--log", "reports/pretrain_loss.tsv", "--metrics", "reports/pretrain.json"]))

@@ -74,6 +74,46 @@ def test_state_of_chunk_j_reaches_its_own_actions_and_later_chunks(j):
     assert da == [k >= j for k in range(N)]
 
 
+def ablation_model(**change):
+    import dataclasses
+
+    model = tiny_model()
+    model.cfg = dataclasses.replace(model.cfg, **change)
+    return model
+
+
+@pytest.mark.parametrize("j", [0, 1, 2])
+def test_bidirectional_clean_history_also_reaches_earlier_chunks(j):
+    """The paper's bidirectional ablation: clean tokens see the whole window, so a later clean chunk
+    reaches earlier predictions through the clean tokens they attend to; the noisy rules are unchanged."""
+    dv, da = changed_chunks(ablation_model(attention="bidirectional"), inputs(), "clean_video", j)
+    assert dv == [k >= 1 for k in range(N)]  # every chunk with an earlier clean block, whichever j moved
+    assert da == [True] * N
+
+
+@pytest.mark.parametrize("j", [0, 1, 2])
+def test_without_video_prediction_actions_skip_their_own_chunks_video(j):
+    model = ablation_model(video_prediction=False)
+    dv, da = changed_chunks(model, inputs(), "clean_video", j)
+    assert da == [k > j for k in range(N)]  # history only: clean video < k
+    dv, da = changed_chunks(model, inputs(), "noisy_video", j)
+    assert da == [False] * N  # nothing the actions read depends on imagined video
+    batch = _loss_batch()
+    noise = draw_noise(batch, 16, 3.0, 0.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = flow_matching_loss(model, batch, noise, A)
+    assert out["loss"] == out["action"] and out["video"] > 0  # reported, not trained
+
+
+def test_the_causal_default_mask_is_the_documented_rules():
+    g = torch.Generator().manual_seed(0)
+    block, clean = torch.randint(0, 8, (40,), generator=g), torch.rand(40, generator=g) < 0.5
+    bq, bk, cq, ck = block[:, None], block[None, :], clean[:, None], clean[None, :]
+    rules = (cq & ck & (bk <= bq)) | (~cq & ck & (bk < bq)) | (~cq & ~ck & (bk == bq))
+    assert torch.equal(attention_mask(block, clean), rules)
+    assert torch.equal(attention_mask(block, clean, 4), rules & ((bq - bk) < 4))
+
+
 def test_pad_channels_puts_the_robot_first_and_refuses_too_many():
     from lingbot.model.world_model import pad_channels
 

@@ -83,6 +83,34 @@ def test_corrected_actions_become_the_grounded_history(tiny_bundle):
     eager.close()
 
 
+@pytest.fixture(params=[{"attention": "bidirectional"}, {"video_prediction": False}])
+def ablation_bundle(request, tiny_bundle, tmp_path):
+    """The tiny bundle's weights under one of the paper's ablations (neither adds parameters)."""
+    import shutil
+
+    bundle = tmp_path / "ablation"
+    shutil.copytree(tiny_bundle, bundle)
+    meta = json.loads((bundle / "policy.json").read_text())
+    meta["model"].update(request.param)
+    (bundle / "policy.json").write_text(json.dumps(meta))
+    return bundle
+
+
+def test_ablation_bundles_act_and_a_bidirectional_one_recomputes_its_window(ablation_bundle):
+    policy = load_policy(ablation_bundle, history_chunks=2, video_steps=2, video_exec_step=2, action_steps=2)
+    session = policy.new_session(seed=3)
+    chunks = _drive(session, _frames(policy, 16, seed=5), 4)
+    assert all(c.shape == (policy.K, policy.meta["action_dim"]) and np.isfinite(c).all() for c in chunks)
+    if policy.model.cfg.attention == "bidirectional":
+        assert len(session.cache) == 0  # no KV cache: each chunk recomputed the last history_chunks
+        actions, _ = recompute_chunk(session, 4, last=2)
+        assert np.abs(actions - session.executing).max() <= 1e-5
+    else:
+        assert all(float(x.abs().max()) == 0 for x in session.imagined_latents)  # nothing imagined
+    with pytest.raises(Exception, match="asynchronous"):
+        load_policy(ablation_bundle, asynchronous=True)
+
+
 def test_session_is_deterministic_and_isolated(tiny_bundle):
     policy = load_policy(tiny_bundle)
     frames = _frames(policy, 12, seed=1)

@@ -173,3 +173,22 @@ def test_fsdp_in_one_process_trains_unsharded_with_a_warning(latent_cache, tmp_p
                    progress=False)
     assert report["steps"] == 1 and report["world_size"] == 1
     assert "parallel fsdp in a single process trains unsharded" in caplog.text
+
+
+def test_progress_in_a_log_file_is_whole_lines_with_loss_and_eta(latent_cache, tmp_path, capsys):
+    """Not a terminal (stderr captured, as in `dvc repro > log`): one line per report, no redraws."""
+    train(dataclasses.replace(CFG, steps=3), preset("tiny").model, latent_cache, tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train")]
+    assert "\r" not in err and lines, err
+    assert "3/3" in lines[-1] and "loss=" in lines[-1] and "<" in lines[-1]  # count, loss, elapsed<remaining
+
+
+@pytest.mark.parametrize("change, message", [({"action_channels": 2}, "set model.action_channels >= 4"),
+                                             ({"state_channels": 2}, "set model.state_channels >= 4"),
+                                             ({"patch": (3, 3)}, "not a multiple of model.patch")])
+def test_a_robot_the_model_cannot_hold_is_one_error_naming_the_param(latent_cache, tmp_path, change, message):
+    model = dataclasses.replace(preset("tiny").model, **change)
+    with pytest.raises(LingbotError, match=message):
+        train(CFG, model, latent_cache, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -156,7 +156,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True) -> dict:
     Returns a report: episodes kept and dropped per task, frames, and throughput.
     """
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    from tqdm import tqdm
+    from lingbot.progress import progress_bar
 
     from lingbot.sim.metaworld import SIM_HZ, task_description
 
@@ -190,7 +190,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True) -> dict:
             # encoder's threads were scheduled (the streams still encode in parallel, one per camera).
             encoder_threads=1,
         )
-        bar = tqdm(total=cfg.episodes * len(cfg.tasks), desc="collect", unit="ep", disable=not progress)
+        bar = progress_bar(progress, total=cfg.episodes * len(cfg.tasks), desc="collect", unit="ep")
         next_attempt = {t: 0 for t in cfg.tasks}
         while True:
             # Submit exactly the attempts still needed, in a fixed order, so results are scheduling-free.

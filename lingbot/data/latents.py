@@ -99,11 +99,11 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
                 rebuild: bool = False, progress: bool = True, only: list[int] | None = None) -> dict:
     """Encode the ingested dataset at `demos` with the VAE at `vae_dir` into the cache at `out`."""
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     from lingbot.data.lerobot_io import iter_episode_frames, open_layout
     from lingbot.data.text import embed_tasks, encoder_fingerprint
-    from lingbot.vae.wan import encode_clip, load_vae, to_pixels
+    from lingbot.progress import progress_bar
+    from lingbot.vae.wan import encode_clip, load_vae, spatial_ratio, to_pixels
 
     t0 = time.perf_counter()
     demos, out = Path(demos), Path(out)
@@ -119,6 +119,13 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
     split = json.loads((demos / "split.json").read_text())
     stats = json.loads((demos / "stats.json").read_text())
     keys = info["keys"]
+    ratio = spatial_ratio(json.loads((Path(vae_dir) / "config.json").read_text()))
+    for camera in keys["cameras"]:
+        h, w = info["shapes"][camera][:2]
+        if h % ratio or w % ratio:
+            raise LingbotError(f"cache_latents: camera {camera} is {h}x{w} pixels; the VAE ({vae_dir}) compresses "
+                               f"{ratio}x, so height and width must be multiples of {ratio} (and of {2 * ratio} for "
+                               "the model's 2x2 patches): record or re-encode the dataset's videos at such a size")
     layout = open_layout(demos / "dataset")
     episodes = sorted(int(e) for e in layout.episodes["episode_index"])
     if only is not None:  # a subset of episodes (benchmarks); recorded in the params fingerprint
@@ -187,7 +194,7 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
     arrays = _episode_arrays(layout, episodes, keys["state"], keys["action"]) if todo else {}
     frames_encoded = 0
     encode_s = 0.0
-    bar = tqdm(total=sum(len(shards[s]) for s in todo), desc="cache_latents", unit="ep", disable=not progress)
+    bar = progress_bar(progress, total=sum(len(shards[s]) for s in todo), desc="cache_latents", unit="ep")
     for s in todo:
         tensors = {}
         for ep in shards[s]:

@@ -121,7 +121,10 @@ def _psnr(policy, session, frames: dict) -> dict:
     real = torch.stack(session.real_latents)  # (n, cams, z, h, w)
     imagined = torch.stack([session.real_latents[0]] + session.imagined_latents[: n - 1])
     out = {}
-    for name, latents in (("imagined_psnr_db", imagined), ("reconstruction_psnr_db", real)):
+    compared = [("imagined_psnr_db", imagined), ("reconstruction_psnr_db", real)]
+    if not policy.model.cfg.video_prediction:  # the no-video ablation imagines nothing
+        compared = compared[1:]
+    for name, latents in compared:
         errors = []
         for c, camera in enumerate(policy.cameras):
             video = decode_latents(policy.vae, latents[:, c].permute(1, 0, 2, 3)[None].to(policy.device))[0]
@@ -136,7 +139,7 @@ def _psnr(policy, session, frames: dict) -> dict:
 def evaluate_offline(bundle: Path, demos: Path, out: Path, tasks: tuple[str, ...] = (), episodes: int = 0,
                      seed: int = 100_000, figures: int = 2, progress: bool = True, policy=None) -> dict:
     """Score `bundle` on the held-out episodes of `demos` (see the module docstring); returns the summary."""
-    from tqdm import tqdm
+    from lingbot.progress import progress_bar
 
     from lingbot.data.lerobot_io import channel_names, open_layout, read_state_action
     from lingbot.policy.runtime import load_policy
@@ -153,7 +156,7 @@ def evaluate_offline(bundle: Path, demos: Path, out: Path, tasks: tuple[str, ...
     table = read_state_action(layout, keys["state"], keys["action"])
     names = channel_names((manifest.get("names") or {}).get(keys["action"]), policy.meta["action_dim"])
     results = []
-    for i, (episode, task) in enumerate(tqdm(chosen, desc="offline", unit="episode", disable=not progress)):
+    for i, (episode, task) in enumerate(progress_bar(progress, iterable=chosen, desc="offline", unit="episode")):
         scored = score_episode(policy, task, _read_episode(layout, keys, table, episode), seed + i)
         scored |= {"episode": episode, "task": task}
         results.append(scored)

@@ -56,17 +56,25 @@ VIDEO, ACTION = 0, 1
 
 
 def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_blocks: int = 0,
-                   query_block: torch.Tensor | None = None, query_clean: torch.Tensor | None = None) -> torch.Tensor:
+                   query_block: torch.Tensor | None = None, query_clean: torch.Tensor | None = None,
+                   attention: str = "causal", video_prediction: bool = True) -> torch.Tensor:
     """Boolean (Lq, L) mask, True = may attend, from per-token block ids and clean flags (both (L,)).
 
     Queries are the same tokens as the keys unless `query_block` / `query_clean` name others (the
-    incremental step: new tokens against cache + new).
+    incremental step: new tokens against cache + new). The paper's two ablations (ModelConfig):
+    attention "bidirectional": clean tokens attend to every clean token of the window, later ones
+    too (no KV cache is possible: the policy recomputes the window); video_prediction False: noisy
+    actions of chunk k attend to clean blocks before chunk k's video (history and state only, no video k).
     """
     if query_block is None:
         query_block, query_clean = block, clean
     bq, bk = query_block[:, None], block[None, :]
     cq, ck = query_clean[:, None], clean[None, :]
-    allowed = (cq & ck & (bk <= bq)) | (~cq & ck & (bk < bq)) | (~cq & ~ck & (bk == bq))
+    clean_to_clean = torch.ones_like(bk <= bq) if attention == "bidirectional" else bk <= bq
+    # Actions have odd block ids (2k + 1): without video prediction they skip their own chunk's video (2k).
+    earlier = bk < bq - 1 if not video_prediction else bk < bq
+    noisy_to_clean = torch.where(bq % 2 == 1, earlier, bk < bq)
+    allowed = (cq & ck & clean_to_clean) | (~cq & ck & noisy_to_clean) | (~cq & ~ck & (bk == bq))
     if window_blocks > 0:
         allowed &= (bq - bk) < window_blocks
     return allowed
@@ -389,7 +397,8 @@ class WorldModel(nn.Module):
         vb, ab = lay["video_block"], lay["action_block"]
         block = torch.cat([vb, vb, ab, ab])
         clean = torch.cat([torch.zeros_like(vb), torch.ones_like(vb), torch.zeros_like(ab), torch.ones_like(ab)]).bool()
-        mask = attention_mask(block, clean, 2 * self.cfg.window_chunks)
+        mask = attention_mask(block, clean, 2 * self.cfg.window_chunks, attention=self.cfg.attention,
+                              video_prediction=self.cfg.video_prediction)
         angles_v = rope_angles(lay["video_pos"].repeat(2, 1), self.cfg.head_dim).to(xv.device)
         angles_a = rope_angles(lay["action_pos"].repeat(2, 1), self.cfg.head_dim).to(xv.device)
         text = self.encode_text(text)
@@ -432,7 +441,10 @@ class WorldModel(nn.Module):
         new_block = torch.cat([blk_v, blk_a]).cpu()
         block = torch.cat([cache.block, new_block])
         flags = torch.cat([torch.ones(len(cache), dtype=torch.bool), torch.full_like(new_block, clean, dtype=torch.bool)])
-        mask = attention_mask(block, flags, 2 * window_chunks, new_block, flags[len(cache):])
+        if self.cfg.attention != "causal":
+            raise ValueError("a bidirectional model has no incremental step: recompute the window (forward)")
+        mask = attention_mask(block, flags, 2 * window_chunks, new_block, flags[len(cache):],
+                              video_prediction=self.cfg.video_prediction)
         mask = None if bool(mask.all()) else mask.to(dev)
         angles_v = rope_angles(pos_v, self.cfg.head_dim).to(dev)
         angles_a = rope_angles(pos_a, self.cfg.head_dim).to(dev)
@@ -574,5 +586,7 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
     # exactly over micro-batches and processes (gradient accumulation and DDP equal one big batch).
     slots = step_mask.numel() * max(1, action_channels_used)
     loss_a = ((pred_a - (eps_action - actions)) ** 2 * weight).sum() / slots
+    if not cfg.video_prediction:  # the ablation: nothing imagines video; the action loss alone trains
+        video_weight = 0.0
     loss = video_weight * loss_v + action_weight * loss_a
     return {"loss": loss, "video": loss_v.detach(), "action": loss_a.detach()}

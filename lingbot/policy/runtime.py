@@ -90,12 +90,15 @@ def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
     Returns the action chunk (K, A_model) in -1..1 and the imagined latent (1, cams, z, h, w).
     """
     window = cfg.history_chunks
-    video = FlowSampler(cfg.video_steps, cfg.shift)
-    for i in range(cfg.video_exec_step):
-        v, _ = model.step(cache, chunk, text, video=x, t_video=video.t(i, x.device), window_chunks=window)
-        x = video.step(x, v, i)
-    history, level = imagined_history(x, video.t(cfg.video_exec_step, x.device), cfg, renoise)
-    model.step(cache, chunk, text, video=history, t_video=level, clean=True, window_chunks=window)
+    if model.cfg.video_prediction:
+        video = FlowSampler(cfg.video_steps, cfg.shift)
+        for i in range(cfg.video_exec_step):
+            v, _ = model.step(cache, chunk, text, video=x, t_video=video.t(i, x.device), window_chunks=window)
+            x = video.step(x, v, i)
+        history, level = imagined_history(x, video.t(cfg.video_exec_step, x.device), cfg, renoise)
+        model.step(cache, chunk, text, video=history, t_video=level, clean=True, window_chunks=window)
+    else:  # the no-video ablation imagines nothing: the actions read the real history and the state
+        x = torch.zeros_like(x)
     act = FlowSampler(cfg.action_steps, cfg.shift, live=action_dim)
     a = act.start(a)
     for i in range(cfg.action_steps):
@@ -179,6 +182,10 @@ class Policy:
         self.cfg = override(PolicyConfig(), {**self.meta["policy"], **(overrides or {})})
         if not 1 <= self.cfg.video_exec_step <= self.cfg.video_steps:
             raise LingbotError(f"policy: video_exec_step must be in 1..video_steps ({self.cfg.video_steps})")
+        model_cfg = self.meta["model_config"]
+        if self.cfg.asynchronous and (model_cfg.attention != "causal" or not model_cfg.video_prediction):
+            raise LingbotError("policy: asynchronous mode needs a causal model that imagines video "
+                               "(this bundle is one of the paper's ablations)")
         if not 0 <= self.cfg.imagined_noise < 1 or (self.cfg.imagined_noise
                                                     and self.cfg.video_exec_step < self.cfg.video_steps):
             raise LingbotError("policy: imagined_noise must be in [0, 1) and needs the video denoised in full "
@@ -351,7 +358,8 @@ class Session:
         if executed is None:  # chunk 0: no actions led to the first frame (padding, as in the cache)
             executed = p.layout.to_model(np.zeros((self.K, p.layout.robot_dim), np.float32))
         action = torch.from_numpy(np.ascontiguousarray(executed))[None].to(p.device)
-        write_history(model, self.cache, k, self.text, latent, action, p.cfg.history_chunks, state=state)
+        if model.cfg.attention == "causal":  # a bidirectional model recomputes its window instead
+            write_history(model, self.cache, k, self.text, latent, action, p.cfg.history_chunks, state=state)
         if p.cfg.history_chunks:  # entries no later query may attend to (see attention_mask's window)
             self.cache.evict_before(2 * (k + 1) - 2 * p.cfg.history_chunks + 1)
         self.real_latents.append(latent[0].cpu())
@@ -374,6 +382,8 @@ class Session:
         self.imagined_at = len(self.cache)
         del self.start_states[chunk:]
         self.start_states.append(state)
+        if p.model.cfg.attention != "causal":  # no KV cache: the window of the last history_chunks, again
+            return recompute_chunk(self, chunk, last=p.cfg.history_chunks)
         return denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg, state, p.layout.robot_dim, r)
 
     def _ground_and_predict(self, latent: torch.Tensor, state: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor]:
@@ -425,15 +435,17 @@ class Session:
             self.pending = None
 
 
-def recompute_chunk(session: Session, chunk: int) -> tuple[np.ndarray, torch.Tensor]:
-    """`recompute_sequence` for chunk `chunk` of a session: its grounded history and seeded noise."""
+def recompute_chunk(session: Session, chunk: int, last: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    """`recompute_sequence` for chunk `chunk` of a session: its grounded history and seeded noise;
+    `last` > 0: only the last `last` chunks of history (a window starting there, as in training)."""
     p = session.policy
-    real = torch.stack(session.real_latents[:chunk])[None].to(p.device)  # (1, chunk, cams, z, h, w)
-    executed = torch.from_numpy(np.stack(session.executed[:chunk]))[None].to(p.device)  # (1, chunk, K, A)
+    first = max(0, chunk - last) if last else 0
+    real = torch.stack(session.real_latents[first:chunk])[None].to(p.device)  # (1, n, cams, z, h, w)
+    executed = torch.from_numpy(np.stack(session.executed[first:chunk]))[None].to(p.device)  # (1, n, K, A)
     x, a, r = chunk_noise(session._generator(chunk), real.shape[2:], p.K, p.model.cfg.action_channels, p.device)
     states = None
     if p.state_layout is not None:
-        states = torch.stack([s[0] for s in session.start_states[: chunk + 1]])[None]  # (1, chunk + 1, S)
+        states = torch.stack([s[0] for s in session.start_states[first : chunk + 1]])[None]  # (1, n + 1, S)
     return recompute_sequence(p.model, real, executed, p.task_embedding(session.task), x, a, p.cfg, states,
                               p.layout.robot_dim, r)
 
@@ -469,9 +481,12 @@ def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Te
         return v[:, -1], va[:, -1]
 
     video = FlowSampler(cfg.video_steps, cfg.shift)
-    for i in range(cfg.video_exec_step):
-        v, _ = run(x, video.times[i], torch.zeros_like(x), 0.0, a, 0.0)
-        x = video.step(x, v, i)
+    if model.cfg.video_prediction:
+        for i in range(cfg.video_exec_step):
+            v, _ = run(x, video.times[i], torch.zeros_like(x), 0.0, a, 0.0)
+            x = video.step(x, v, i)
+    else:  # nothing imagined; the actions do not attend to this chunk's video
+        x = torch.zeros_like(x)
     history, level = imagined_history(x, video.times[cfg.video_exec_step : cfg.video_exec_step + 1], cfg, renoise)
     act = FlowSampler(cfg.action_steps, cfg.shift, live=action_dim)
     a = act.start(a)

@@ -118,7 +118,7 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
     """
     import multiprocessing as mp
 
-    from tqdm import tqdm
+    from lingbot.progress import progress_bar
 
     from lingbot.policy.bundle import read_bundle
     from lingbot.sim.metaworld import task_names
@@ -138,7 +138,7 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
     threads = cfg.threads
     results = []
     with mp.get_context("spawn").Pool(workers, _init_worker, (str(bundle), threads, load)) as pool:
-        bar = tqdm(total=len(jobs), desc="evaluate", unit="episode", disable=not progress)
+        bar = progress_bar(progress, total=len(jobs), desc="evaluate", unit="episode")
         for result in pool.imap_unordered(_work, jobs):
             results.append(result)
             bar.update()

@@ -212,11 +212,13 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
     `init_from`: a checkpoint whose EMA weights start the run (finetune from pretrain).
     `stop_after`: end after this step count (simulates an interruption; the run resumes from `out`).
     """
-    from tqdm import tqdm
+    from lingbot.progress import progress_bar
 
     from lingbot.data.latents import LatentWindows
     from lingbot.model.world_model import WorldModel, count_parameters, draw_noise, flow_matching_loss
 
+    if model_cfg.attention not in ("causal", "bidirectional"):
+        raise LingbotError(f"train: model.attention must be causal or bidirectional, got {model_cfg.attention!r}")
     if cfg.parallel not in PARALLEL:
         raise LingbotError(f"train: parallel must be one of {', '.join(PARALLEL)}, got {cfg.parallel!r}")
     rank, world, device = _distributed()
@@ -234,8 +236,18 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
     action_dim = len(manifest["stats"]["action"]["q01"])
     if manifest["z_dim"] != model_cfg.latent_channels:
         model_cfg = dataclasses.replace(model_cfg, latent_channels=manifest["z_dim"])
+    state_dim = len(manifest["stats"]["state"]["q01"])
     if action_dim > model_cfg.action_channels:
-        raise LingbotError(f"train: robot has {action_dim} action channels, model only {model_cfg.action_channels}")
+        raise LingbotError(f"train: the robot has {action_dim} action channels, the model only "
+                           f"{model_cfg.action_channels}: set model.action_channels >= {action_dim} in params.yaml")
+    if model_cfg.state_channels and state_dim > model_cfg.state_channels:
+        raise LingbotError(f"train: the robot has {state_dim} state channels, the model only "
+                           f"{model_cfg.state_channels}: set model.state_channels >= {state_dim} in params.yaml")
+    latent_hw = data.window(episodes[0], 0, 1)["video"].shape[-2:]
+    if any(n % p for n, p in zip(latent_hw, model_cfg.patch)):
+        raise LingbotError(f"train: latent frames are {latent_hw[0]}x{latent_hw[1]}, not a multiple of model.patch "
+                           f"{tuple(model_cfg.patch)}: set model.patch to [1, 1], or use images whose size is a "
+                           "multiple of the VAE's compression times the patch")
 
     torch.manual_seed(cfg.seed)
     model = WorldModel(model_cfg, cameras=cameras, actions_per_chunk=k).to(device)
@@ -270,7 +282,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
     micro = per_rank // cfg.grad_accum
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    bar = tqdm(total=end, initial=step, desc="train", disable=not progress or rank != 0)
+    bar = progress_bar(progress and rank == 0, total=end, initial=step, desc="train")
     t0, samples, tokens = time.perf_counter(), 0, 0
     while step < end:
         for group in optimizer.param_groups:

@@ -91,7 +91,7 @@ def _sample_batch(clips: list[np.ndarray], cfg: VAEConfig, rng: np.random.Genera
 def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True) -> list[dict]:
     """Reconstruction (MSE + L1, + image-gradient L1 if `grad_weight`) + KL on random clips; AdamW with
     cosine decay. Returns the loss log."""
-    from tqdm import tqdm
+    from lingbot.progress import progress_bar
 
     clips = [c for c in clips if len(c) >= cfg.clip_frames]
     if not clips:
@@ -108,7 +108,7 @@ def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True) -
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     vae.train()
     log = []
-    bar = tqdm(range(cfg.steps), desc="fit_vae", disable=not progress)
+    bar = progress_bar(progress, iterable=range(cfg.steps), desc="fit_vae")
     for step in bar:
         x = _sample_batch(clips, cfg, rng).to(device)
         with autocast:
