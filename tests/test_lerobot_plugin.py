@@ -31,7 +31,24 @@ def lerobot_logging():
         logger.setLevel(level)
 
 
-def test_lerobot_eval_drives_the_lingbot_policy_for_one_episode(tiny_bundle, tmp_path, monkeypatch, lerobot_logging):
+def _release(tiny_bundle, tmp_path) -> str:
+    """The tiny bundle published to a local hub as v1 and pulled back: what a robot's machine holds."""
+    from lingbot.config import PublishConfig
+    from lingbot.hub.publish import publish
+    from lingbot.hub.pull import pull
+
+    eval_path = tmp_path / "eval.json"
+    eval_path.write_text(json.dumps({"success_rate": 0.5, "episodes": 2}))
+    publish(tiny_bundle, eval_path, PublishConfig(repo_id="lingbot/tiny", local_dir=str(tmp_path / "hub")))
+    pull("lingbot/tiny@v1", tmp_path / "release", local_hub=tmp_path / "hub")
+    return str(tmp_path / "release")
+
+
+@pytest.mark.parametrize("load", ["type", "path"])
+def test_lerobot_eval_drives_the_lingbot_policy_for_one_episode(tiny_bundle, tmp_path, monkeypatch, lerobot_logging,
+                                                                load):
+    """`--policy.type=lingbot --policy.bundle=DIR` with the plugin named, or `--policy.path=<pulled release>`
+    alone: LeRobot finds the plugin by its distribution name and the release's config.json."""
     import lerobot.envs.metaworld
     from lerobot.scripts import lerobot_eval
 
@@ -49,11 +66,14 @@ def test_lerobot_eval_drives_the_lingbot_policy_for_one_episode(tiny_bundle, tmp
     make_policy = lerobot_eval.make_policy
     monkeypatch.setattr(lerobot_eval, "make_policy", lambda *a, **k: made.append(make_policy(*a, **k)) or made[-1])
     out = tmp_path / "eval"
+    if load == "type":
+        policy_args = ["--policy.discover_packages_path=lerobot_policy_lingbot", "--policy.type=lingbot",
+                       f"--policy.bundle={tiny_bundle}"]
+    else:
+        policy_args = [f"--policy.path={_release(tiny_bundle, tmp_path)}"]
     monkeypatch.setattr(sys, "argv", [
         "lerobot-eval",
-        "--policy.discover_packages_path=lerobot_policy_lingbot",
-        "--policy.type=lingbot",
-        f"--policy.bundle={tiny_bundle}",
+        *policy_args,
         f"--policy.camera_map={json.dumps(CAMERA_MAP)}",
         "--policy.device=cpu",
         "--env.type=metaworld",

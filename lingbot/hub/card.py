@@ -128,9 +128,9 @@ def _usage_section(repo_id: str, tag: str) -> list[str]:
         "lingbot serve --policy policy/                 # the websocket policy server, robot side",
         "```",
         "",
-        "In LeRobot (`lerobot-eval`, `lerobot-record`), the plugin `lerobot_policy_lingbot` shipped with lingbot "
-        "loads the same directory: `--policy.discover_packages_path=lerobot_policy_lingbot --policy.type=lingbot "
-        "--policy.bundle=policy/` (map LeRobot's camera keys with `--policy.camera_map` when they differ).",
+        "In LeRobot (`lerobot-eval`, `lerobot-record`), with the plugin `lerobot_policy_lingbot` installed, the "
+        "same directory loads like any LeRobot checkpoint: `--policy.path=policy/` (map LeRobot's camera keys "
+        "with `--policy.camera_map` when they differ).",
         "",
         "`manifest.json` holds the sha256 and size of every file; `lingbot pull` refuses a mismatch, a missing "
         "or an extra file. Weights are safetensors, everything else JSON: loading never unpickles.",

@@ -1,7 +1,8 @@
 """Publish a policy bundle as a tagged release: gate, assemble, commit, tag.
 
-The release is built once, in a temporary directory: the bundle's files, ``eval.json``, the model card
-``README.md`` and ``manifest.json`` (lingbot/hub/manifest.py). It then goes to one of two targets:
+The release is built once, in a temporary directory: the bundle's files, ``eval.json``, LeRobot's
+``config.json`` and processor files (with the LeRobot plugin installed: ``lerobot-eval --policy.path``
+loads a release), the model card ``README.md`` and ``manifest.json`` (lingbot/hub/manifest.py). It then goes to one of two targets:
 
 - ``local`` (the embedded default): the local hub, laid out like the Hub repo (lingbot/hub/local.py).
 - ``hub``: the Hugging Face Hub through ``HfApi``: ``create_repo(exist_ok=True)``, one ``create_commit``
@@ -20,6 +21,7 @@ commit succeeded; a failure before leaves the previous release and its tags as t
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from lingbot.hub.manifest import (
     next_tag,
 )
 
+logger = logging.getLogger("lingbot.publish")
 TARGETS = ("local", "hub")
 GATED = ("success_rate", "offline/action_error")  # the gate's figure, by preference
 
@@ -102,6 +105,13 @@ def assemble(out: Path, bundle: Path, eval_path: Path, repo_id: str, tag: str, b
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(bundle) / rel, out / rel)
     shutil.copyfile(eval_path, out / EVAL)
+    try:  # LeRobot's config.json and processors: `lerobot-eval --policy.path=<release>` then just works
+        from lerobot_policy_lingbot.export import write_lerobot_files
+    except ImportError:
+        logger.warning("publish: the LeRobot plugin (lerobot_policy_lingbot) is not installed; the release "
+                       "will not load with --policy.path")
+    else:
+        write_lerobot_files(out)
     files = {rel: {"size": (out / rel).stat().st_size} for rel in list_files(out)}
     (out / CARD).write_text(build_card(repo_id, tag, bundle_meta, metrics, demos, lock, params_text, files))
     manifest = build_manifest(out, repo_id, tag)
