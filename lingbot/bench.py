@@ -344,7 +344,7 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     Reads the embedded run's outputs (data/demos, data/latents, reports/eval.json): run `dvc repro`
     first. The world model's figures in the result are those of reports/eval.json.
     """
-    from lingbot.baseline import BCConfig, load_bc, load_demos, save_bc, train_bc
+    from lingbot.baselines.bc import BCConfig, load_bc, load_demos, save_bc, train_bc
     from lingbot.config import load_run_config
     from lingbot.fsutil import timings_path
     from lingbot.sim.evaluate import evaluate
@@ -491,6 +491,71 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
     }
 
 
+def _world_model_row(run_cfg, target: str) -> dict:
+    """The world model's row of the peers table: the workspace's `dvc repro` run (reports/)."""
+    from lingbot.fsutil import timings_path
+
+    reported = json.loads(Path("reports/eval.json").read_text())
+    timings = json.loads(timings_path(Path("reports/eval.json")).read_text())
+    seconds = 0.0
+    for name in ("pretrain", "finetune"):
+        r = json.loads(Path(f"reports/{name}.json").read_text())
+        seconds += r["steps"] * getattr(run_cfg, name).batch_size / json.loads(
+            timings_path(Path(f"reports/{name}.json")).read_text())["samples_per_s"]
+    return {"method": "lingbot world model", "target": target,
+            "demos": json.loads(Path("reports/finetune.json").read_text())["episodes"], "train_s": round(seconds, 1),
+            "success": reported[f"{target}/success_rate"], "ci_low": reported[f"{target}/success_ci_low"],
+            "ci_high": reported[f"{target}/success_ci_high"], "latency_ms": timings.get("latency_ms_p95")}
+
+
+def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers: int, out: Path) -> dict:
+    """LeRobot's ACT and Diffusion Policy trained by `lerobot-train` on the target task's training
+    demos (finetune's episodes) for the world model's training time, rolled out by `evaluate` on its
+    held-out seeds; the world model's row is the workspace's run (run `dvc repro` first).
+
+    Each peer's steps come from a calibration: two short `lerobot-train` runs (10 and 40 steps) give
+    the seconds per step without the start-up, and steps = budget / that. A peer already trained
+    under `out` is not trained again (a stopped bench resumes).
+    """
+    from lingbot.baselines.lerobot_peers import load_peer, train_peer
+    from lingbot.data.latents import LatentWindows
+    from lingbot.config import load_run_config
+    from lingbot.fsutil import write_json
+    from lingbot.sim.evaluate import evaluate, wilson_interval
+    from lingbot.train.loop import select_episodes
+
+    run_cfg = load_run_config(params)
+    eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers)
+    if len(eval_cfg.tasks) != 1:
+        raise ValueError("bench peers: evaluate one task (evaluate.tasks) at a time")
+    target = eval_cfg.tasks[0]
+    episodes = select_episodes(LatentWindows(Path("data/latents")).manifest, run_cfg.finetune)
+    rows = [_world_model_row(run_cfg, target)]
+    budget = budget_s or rows[0]["train_s"]
+    for kind in peers:
+        work = Path(out) / kind
+        result = work / f"{target}.json"
+        if not result.is_file():
+            if not (work / "model" / "lingbot_peer.json").is_file():
+                with tempfile.TemporaryDirectory(prefix="lingbot-calibrate-") as tmp:
+                    short = [train_peer(kind, Path("data/demos"), episodes, Path(tmp) / str(n), n,
+                                        threads=run_cfg.threads)["train_seconds"] for n in (10, 40)]
+                per_step = max(1e-3, (short[1] - short[0]) / 30)
+                steps = max(10, int((budget - short[0] + 10 * per_step) / per_step))
+                train_peer(kind, Path("data/demos"), episodes, work / "model", steps, threads=run_cfg.threads)
+            meta = json.loads((work / "model" / "lingbot_peer.json").read_text())
+            summary = evaluate(work / "model", eval_cfg, work / "eval", progress=False, load=load_peer)
+            low, high = wilson_interval(round(summary["success_rate"] * summary["episodes"]), summary["episodes"])
+            write_json(result, {"method": f"LeRobot {kind}", "target": target, "demos": len(episodes),
+                                "train_s": meta["train_seconds"], "steps": meta["steps"],
+                                "success": summary["success_rate"], "ci_low": round(low, 4),
+                                "ci_high": round(high, 4), "latency_ms": summary["latency_ms_p95"]})
+        rows.append(json.loads(result.read_text()))
+    table = {f"{r['method']} ({r['target']})": f"{r['success']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}], "
+             f"{r['train_s']:.0f} s" for r in rows}
+    return {"bench": "peers", "eval_seed": eval_cfg.seed, "episodes": eval_cfg.episodes, **table, "rows": rows}
+
+
 def run(what: str, args) -> int:
     if what == "data":
         result = bench_data(args.episodes or 4, args.workers)
@@ -502,9 +567,13 @@ def run(what: str, args) -> int:
         result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers)
     elif what == "realtime":
         result = bench_realtime(args.preset)
+    elif what == "peers":
+        peers = args.peers.split(",") if args.peers else ["act", "diffusion"]
+        result = bench_peers(Path(args.params), peers, args.budget_s, args.workers, Path(args.out or "models/peers"))
     elif what == "seeds":
         seeds = [int(v) for v in args.seeds.split(",")]
-        result = bench_seeds(Path(args.params), seeds, args.workers, Path(args.out), args.with_run, args.target)
+        result = bench_seeds(Path(args.params), seeds, args.workers, Path(args.out or "models/seeds"), args.with_run,
+                             args.target)
     else:  # argparse restricts the choices; kept for direct callers
         raise ValueError(f"unknown benchmark {what!r}")
     print(_table([(k, v) for k, v in result.items() if not isinstance(v, (list, dict))]))

@@ -746,7 +746,7 @@ def load_policy_cuda(path):
 
 
 def train_bc_on(data: dict, cfg, device, progress: bool = False):
-    """`lingbot.baseline.train_bc` on `device`: the same model, loss, augmentation and schedule, the
+    """`lingbot.baselines.bc.train_bc` on `device`: the same model, loss, augmentation and schedule, the
     batches moved to the device (train_bc itself trains on the CPU; a `device=` argument there would
     remove this copy)."""
     import math
@@ -754,7 +754,7 @@ def train_bc_on(data: dict, cfg, device, progress: bool = False):
     import torch
     import torch.nn.functional as F
 
-    from lingbot.baseline import ImageBC, random_shift
+    from lingbot.baselines.bc import ImageBC, random_shift
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -803,7 +803,7 @@ def step_policy(result: StepResult, args, prepared: dict) -> None:
     import numpy as np
     import torch
 
-    from lingbot.baseline import BCConfig, load_bc, load_demos, save_bc
+    from lingbot.baselines.bc import BCConfig, load_bc, load_demos, save_bc
     from lingbot.policy.bundle import write_bundle
     from lingbot.sim.evaluate import evaluate
     from lingbot.train.loop import train

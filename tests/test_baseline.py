@@ -12,7 +12,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def bc_data(ingested, latent_cache, tiny_config):
-    from lingbot.baseline import load_demos
+    from lingbot.baselines.bc import load_demos
 
     return load_demos(ingested, latent_cache, tiny_config.finetune)
 
@@ -38,7 +38,7 @@ def test_samples_are_the_finetune_episodes_with_their_next_actions(bc_data, inge
 
 
 def test_random_shift_crops_the_padded_image():
-    from lingbot.baseline import random_shift
+    from lingbot.baselines.bc import random_shift
 
     images = torch.arange(2 * 2 * 3 * 8 * 8, dtype=torch.float32).view(2, 2, 3, 8, 8)
     assert torch.equal(random_shift(images, 0, torch.Generator()), images)
@@ -50,7 +50,7 @@ def test_random_shift_crops_the_padded_image():
 
 
 def test_bc_learns_saves_and_rolls_out(bc_data, tmp_path, tiny_config):
-    from lingbot.baseline import BCConfig, load_bc, save_bc, train_bc
+    from lingbot.baselines.bc import BCConfig, load_bc, save_bc, train_bc
     from lingbot.sim.evaluate import evaluate
 
     cfg = BCConfig(steps=60, batch_size=8, width=8, hidden=32, lr=3e-3)
@@ -81,7 +81,7 @@ def test_bc_learns_saves_and_rolls_out(bc_data, tmp_path, tiny_config):
 
 
 def test_not_a_bc_directory_is_one_clear_error(tmp_path):
-    from lingbot.baseline import load_bc
+    from lingbot.baselines.bc import load_bc
     from lingbot.errors import LingbotError
 
     with pytest.raises(LingbotError, match="bc.json: missing"):

@@ -114,7 +114,7 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
     """Roll out every (task, episode) of `cfg`, write `out` (see module docstring), return the summary.
 
     `load(path)` makes the policy in each worker (a module-level function): by default a world-model
-    bundle's `load_policy`; `lingbot.baseline.load_bc` rolls out the BC baseline (no videos).
+    bundle's `load_policy`; `lingbot.baselines.bc.load_bc` rolls out the BC baseline (no videos).
     """
     import multiprocessing as mp
 
