@@ -206,8 +206,8 @@ def cmd_evaluate(args) -> int:
     if args.env:
         changes["env"] = args.env
     cfg = dataclasses.replace(cfg, **changes)
-    if cfg.env not in ("metaworld", "offline"):
-        raise LingbotError(f"evaluate.env must be metaworld or offline, got {cfg.env!r}")
+    if cfg.env not in ("metaworld", "offline", "lerobot"):
+        raise LingbotError(f"evaluate.env must be metaworld, offline or lerobot, got {cfg.env!r}")
     if cfg.env == "offline" and not args.demos:
         raise LingbotError("evaluate --env offline needs --demos (the ingested dataset with its held-out split)")
     policy = Path(args.policy)
@@ -224,17 +224,20 @@ def cmd_evaluate(args) -> int:
         from lingbot.sim.evaluate import evaluate
 
         summary = evaluate(policy, cfg, out, progress=not args.quiet)
+    elif cfg.env == "lerobot":
+        from lingbot.sim.lerobot_env import evaluate_lerobot
+
+        summary = evaluate_lerobot(policy, cfg, out, progress=not args.quiet)
     elif out.exists():  # no simulator: nothing of an earlier rollout may stay beside the new scores
         shutil.rmtree(out)
     if args.demos:
         from lingbot.eval.offline import evaluate_offline
 
+        tasks = run.finetune.tasks
         if cfg.env == "metaworld":
             from lingbot.sim.metaworld import task_description
 
             tasks = tuple(task_description(t) for t in cfg.tasks)
-        else:
-            tasks = run.finetune.tasks
         offline = evaluate_offline(policy, Path(args.demos), out / "offline", tasks, cfg.offline_episodes, cfg.seed,
                                    cfg.videos, progress=not args.quiet)
         summary |= {f"offline/{k}": v for k, v in offline.items()}
@@ -243,10 +246,11 @@ def cmd_evaluate(args) -> int:
     if args.tasks_tsv and args.latency_tsv:
         from lingbot.sim.evaluate import write_plots
 
-        write_plots(summary, results, cfg.tasks if cfg.env == "metaworld" else (), Path(args.tasks_tsv),
-                    Path(args.latency_tsv), Path(args.error_tsv) if args.error_tsv else None)
+        write_plots(summary, results, cfg.tasks if cfg.env != "offline" else (), Path(args.tasks_tsv),
+                    Path(args.latency_tsv), Path(args.error_tsv) if args.error_tsv else None,
+                    metaworld=cfg.env == "metaworld")
     _write_metrics(args, summary)
-    if cfg.env == "metaworld":
+    if cfg.env != "offline":
         for task in cfg.tasks:
             print(f"{task}: success {summary[f'{task}/success_rate']:.0%} "
                   f"[{summary[f'{task}/success_ci_low']:.2f}, {summary[f'{task}/success_ci_high']:.2f}] "

@@ -210,8 +210,13 @@ class EvalConfig:
     """Simulation evaluation of the fine-tuned policy (stage evaluate)."""
 
     # "metaworld": closed-loop rollouts of `tasks` (and the open-loop scores of their held-out demos);
-    # "offline": no simulator: the policy scored open loop on the split's held-out episodes only.
+    # "offline": no simulator: the policy scored open loop on the split's held-out episodes only;
+    # "lerobot": rollouts of `tasks` in LeRobot's env `lerobot_env` through lerobot-eval (sim/lerobot_env.py).
     env: str = "metaworld"
+    lerobot_env: str = "metaworld"  # a lerobot.envs type: metaworld, pusht, aloha, libero, ...
+    # env "lerobot": "bundle_camera=lerobot_key" per bundle camera whose LeRobot key differs, e.g.
+    # "observation.images.corner3=observation.image" (one LeRobot image may feed several cameras)
+    camera_map: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ("drawer-open-v3",)  # MetaWorld task ids
     episodes: int = 10  # per task
     seed: int = 100_000  # held-out: collect's seeds are derived from small run seeds

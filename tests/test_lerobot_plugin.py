@@ -228,3 +228,25 @@ def test_unmapped_camera_and_wrong_chunk_size_are_clear_errors(tiny_bundle):
     with pytest.raises(LingbotError, match="chunks of 4"):
         make_policy(make_policy_config("lingbot", bundle=str(tiny_bundle), camera_map=CAMERA_MAP, device="cpu",
                                        chunk_size=8), env_cfg=env)
+
+
+def test_evaluate_rolls_out_in_a_lerobot_env(tiny_bundle, tmp_path, capsys):
+    """`evaluate.env: lerobot`: LeRobot's own MetaWorld env and eval loop, scored as lingbot scores."""
+    import yaml
+
+    from lingbot.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"preset": "tiny", "evaluate": {
+        "env": "lerobot", "lerobot_env": "metaworld", "tasks": ["drawer-open-v3"], "episodes": 1,
+        "camera_map": [f"{k}={v}" for k, v in CAMERA_MAP.items()]}}))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--params", str(params), "--policy", str(tiny_bundle), "--out", str(out),
+                 "--metrics", str(tmp_path / "eval.json"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert metrics["episodes"] == 1 and metrics["drawer-open-v3/episodes"] == 1
+    assert metrics["success_rate"] in (0.0, 1.0) and 0 <= metrics["success_ci_low"] <= metrics["success_ci_high"]
+    assert json.loads((out / "episodes.json").read_text())[0]["seed"] == 100_000
+    params.write_text(yaml.safe_dump({"preset": "tiny", "evaluate": {"env": "lerobot", "camera_map": ["corner3"]}}))
+    assert main(["evaluate", "--params", str(params), "--policy", str(tiny_bundle), "--out", str(out)]) == 2
+    assert "is not bundle_camera=lerobot_key" in capsys.readouterr().err

@@ -205,7 +205,7 @@ def write_videos(bundle: Path, recorded: list[dict], out: Path) -> None:
 
 
 def write_plots(summary: dict, results_dir: Path, tasks: tuple[str, ...], tasks_tsv: Path, latency_tsv: Path,
-                error_tsv: Path | None = None) -> None:
+                error_tsv: Path | None = None, metaworld: bool = True) -> None:
     """DVC plots: per-task success bars (and each task's open-loop action error), the mean policy
     latency per chunk index, and the open-loop action error per horizon step (`error_tsv`).
 
@@ -220,14 +220,14 @@ def write_plots(summary: dict, results_dir: Path, tasks: tuple[str, ...], tasks_
 
     offline_tasks = sorted({k[len("offline/"):].rpartition("/")[0] for k in summary
                             if k.startswith("offline/") and k.endswith("/task_action_error")})
-    rows = [(t, task_description(t)) for t in tasks] or [(t, t) for t in offline_tasks]
+    rows = [(t, task_description(t) if metaworld else t) for t in tasks] or [(t, t) for t in offline_tasks]
     with atomic_file(tasks_tsv) as tmp:
         lines = ["task\tsuccess_rate\tci_low\tci_high\tepisodes\taction_error"]
         lines += [f"{t}\t{fmt(f'{t}/success_rate')}\t{fmt(f'{t}/success_ci_low')}\t{fmt(f'{t}/success_ci_high')}\t"
                   f"{fmt(f'{t}/episodes', 'g')}\t{fmt(f'offline/{d}/task_action_error', '.5f')}" for t, d in rows]
         tmp.write_text("\n".join(lines) + "\n")
     episodes = json.loads((results_dir / "timings.json").read_text())
-    longest = max(len(e["latency_ms"]) for e in episodes)
+    longest = max((len(e["latency_ms"]) for e in episodes), default=0)
     with atomic_file(latency_tsv) as tmp:
         lines = ["chunk\tlatency_ms\tepisodes"]
         for k in range(longest):

@@ -1,0 +1,82 @@
+"""Rollouts in LeRobot's environments (`lerobot.envs`: metaworld, pusht, aloha, libero, ...), scored like
+lingbot's own.
+
+`evaluate.env: lerobot` hands the bundle to LeRobot's own evaluation loop (`lerobot-eval`) as a LeRobot
+policy: a copy of the bundle with LeRobot's config.json and processors (the plugin's
+`write_lerobot_files`), `evaluate.camera_map` routing LeRobot's image keys to the bundle's cameras, the
+env's `observation.state` as the robot state, actions back in robot units. Success is the env's own
+(`info["is_success"]`, as LeRobot counts it); the held-out seed is `evaluate.seed`. LeRobot's per-task
+successes come back as lingbot's metrics: success rate with its Wilson interval, per task and overall.
+
+LIBERO (`lerobot_env: libero`) downloads its assets at first use: run it where the network reaches the
+Hub once (`HF_HUB_OFFLINE=1` afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lingbot.config import EvalConfig
+from lingbot.errors import LingbotError
+from lingbot.fsutil import atomic_dir, write_json
+
+
+def camera_map(cfg: EvalConfig) -> dict[str, str]:
+    """`evaluate.camera_map` ("bundle_key=lerobot_key" entries) as LeRobot's --policy.camera_map."""
+    mapping = {}
+    for entry in cfg.camera_map:
+        bundle_key, sep, source = entry.partition("=")
+        if not sep or not bundle_key or not source:
+            raise LingbotError(f"evaluate.camera_map: {entry!r} is not bundle_camera=lerobot_key")
+        mapping[bundle_key] = source
+    return mapping
+
+
+def evaluate_lerobot(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
+    """Roll `bundle` out in LeRobot env `cfg.lerobot_env` on each of `cfg.tasks`; write `out`, return metrics."""
+    from lerobot_policy_lingbot.export import write_lerobot_files
+
+    from lingbot.sim.evaluate import wilson_interval
+
+    if cfg.episodes < 1:
+        raise LingbotError("evaluate: episodes must be >= 1")
+    results, seconds = [], 0.0
+    with tempfile.TemporaryDirectory(prefix="lingbot-lerobot-eval-") as tmp:
+        policy = Path(tmp) / "policy"
+        shutil.copytree(bundle, policy)
+        write_lerobot_files(policy)
+        for task in cfg.tasks:
+            run = Path(tmp) / f"eval-{len(results)}"
+            args = [sys.executable, "-m", "lerobot.scripts.lerobot_eval", f"--policy.path={policy}",
+                    f"--policy.camera_map={json.dumps(camera_map(cfg))}", "--policy.device=cpu",
+                    f"--env.type={cfg.lerobot_env}", f"--env.task={task}", f"--eval.n_episodes={cfg.episodes}",
+                    "--eval.batch_size=1", "--eval.use_async_envs=false", f"--seed={cfg.seed}",
+                    f"--output_dir={run}"]
+            env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
+            start = time.perf_counter()
+            proc = subprocess.run(args, capture_output=True, text=True, env=env)
+            seconds += time.perf_counter() - start
+            if proc.returncode != 0:
+                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
+                raise LingbotError(f"evaluate: lerobot-eval on {cfg.lerobot_env} {task} failed:\n{tail}")
+            info = json.loads((run / "eval_info.json").read_text())
+            successes = [s for entry in info["per_task"] for s in entry["metrics"]["successes"]]
+            results += [{"task": task, "seed": cfg.seed + i, "success": bool(s)} for i, s in enumerate(successes)]
+    with atomic_dir(Path(out)) as target:
+        target.mkdir()
+        write_json(target / "episodes.json", results)
+        write_json(target / "timings.json", [{"task": "all", "latency_ms": [], "wall_s": round(seconds, 1)}])
+    summary = {}
+    for name, rows in [("", results)] + [(f"{t}/", [r for r in results if r["task"] == t]) for t in cfg.tasks]:
+        wins = sum(r["success"] for r in rows)
+        low, high = wilson_interval(wins, len(rows))
+        summary |= {f"{name}success_rate": wins / max(1, len(rows)), f"{name}success_ci_low": round(low, 4),
+                    f"{name}success_ci_high": round(high, 4), f"{name}episodes": len(rows)}
+    return summary
