@@ -30,5 +30,12 @@ def progress_bar(enabled: bool = True, **kwargs):
 
     if not enabled or sys.stderr.isatty():
         return tqdm(disable=not enabled, **kwargs)
-    return tqdm(file=_Lines(), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S, ascii=True, ncols=100,
-                **kwargs)
+
+    class LogBar(tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=False, **values):
+            # tqdm redraws on every set_postfix: in a log that is a line per step; the figures
+            # show at the next timed report instead
+            super().set_postfix(ordered_dict, refresh=False, **values)
+
+    return LogBar(file=_Lines(), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S, ascii=True, ncols=100,
+                  **kwargs)

@@ -118,6 +118,7 @@ def test_the_release_pulls_and_serves_robot_vectors(released, robot_dataset, tmp
         with connect(url, max_size=None) as ws:
             meta = unpackb(ws.recv())
             assert meta["action_dim"] == DOF and meta["cameras"] == list(CAMERAS)
+            assert meta["robot"]["action_names"] == robot_dataset[1]  # the channels, named in vector order
             observation = {**{key: np.zeros((H, W, 3), np.uint8) for key in CAMERAS},
                            "observation.state": np.zeros(STATE, np.float32), "task": TASKS[0]}
             ws.send(packb(observation))

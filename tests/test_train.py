@@ -182,6 +182,7 @@ def test_progress_in_a_log_file_is_whole_lines_with_loss_and_eta(latent_cache, t
     lines = [line for line in err.splitlines() if line.startswith("train")]
     assert "\r" not in err and lines, err
     assert "3/3" in lines[-1] and "loss=" in lines[-1] and "<" in lines[-1]  # count, loss, elapsed<remaining
+    assert len(lines) <= 3  # the start, the end: not a line per step (a report every 30 s in between)
 
 
 @pytest.mark.parametrize("change, message", [({"action_channels": 2}, "set model.action_channels >= 4"),

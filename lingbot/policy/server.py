@@ -9,7 +9,8 @@ Server -> client, once on connect: the metadata map::
 
     {"lingbot/protocol": "lingbot-serve/1", "cameras": [...], "state_key": "observation.state",
      "action_dim": A, "actions_per_chunk": K, "fps": .., "tasks": [...], "max_message_bytes": N,
-     "message_types": ["infer", "observe", "reset", "status"]}
+     "message_types": ["infer", "observe", "reset", "status"],
+     "robot": {"type", "action_names", "state_names"} (bundles assembled with the dataset's description)}
 
 Client -> server: a map; its `"lingbot/type"` picks the message (absent: `infer`, so openpi clients work
 unchanged). Observations are LeRobot-style: every camera key of the metadata -> uint8 (H, W, 3), the
@@ -149,7 +150,7 @@ class PolicyServer:
             "max_message_bytes": self.max_message_bytes,
             "message_types": list(MESSAGE_TYPES),
         }
-        for key in ("image_size", "state_dim"):
+        for key in ("image_size", "state_dim", "robot"):  # robot: type, action/state channel names in order
             if key in meta:
                 out[key] = meta[key]
         return out
