@@ -120,6 +120,20 @@ def bench_latents(episodes: int, workers: int) -> dict:
                 encode_clip(vae, to_pixels(window[: 1 + 4 * ((len(window) - 1) // 4)]))
         online = n_online / (time.perf_counter() - t0)
 
+        # The whole cache again on a local Dask cluster of 2 workers through Prefect (lingbot/cluster.py),
+        # one job per shard of 2 episodes: the same bytes, and the scaling on this machine's 2 cores.
+        from lingbot.config import ClusterConfig
+        from lingbot.data.latents import build_cache_on_cluster
+
+        sharded = dataclasses.replace(cfg.latents, episodes_per_shard=2)
+        t0 = time.perf_counter()
+        one = build_cache(tmp / "demos", tmp / "vae", tmp / "one", sharded, progress=False)
+        one_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        two = build_cache_on_cluster(tmp / "demos", tmp / "vae", tmp / "two", sharded, ClusterConfig(workers=2), 1)
+        two_s = time.perf_counter() - t0
+        same = all((tmp / "one" / f.name).read_bytes() == f.read_bytes() for f in (tmp / "two").iterdir())
+
         all_eps = sorted(int(e) for e in layout.episodes["episode_index"])
         half = all_eps[: len(all_eps) // 2]
         rss_half = _cache_peak_rss(tmp / "demos", tmp / "vae", tmp / "rss-half", half, cfg.latents)
@@ -135,6 +149,11 @@ def bench_latents(episodes: int, workers: int) -> dict:
         "cached_vs_online_speedup": round(cached / online, 1),
         "peak_rss_mb_half_episodes": round(rss_half, 1),
         "peak_rss_mb": round(rss_full, 1),
+        "cache_seconds_1_process": round(one_s, 1),
+        "cache_seconds_2_dask_workers": round(two_s, 1),
+        "cache_frames_per_s_1_process": round(one["frames_encoded"] / one_s, 1),
+        "cache_frames_per_s_2_dask_workers": round(two["frames_encoded"] / two_s, 1),
+        "cluster_cache_identical": same,
     }
 
 

@@ -138,13 +138,22 @@ def cmd_cache_latents(args) -> int:
     from lingbot.data.latents import build_cache
     from lingbot.errors import LingbotError
 
-    cfg = _run_config(args).latents
+    from lingbot.cluster import enabled
+
+    run = _run_config(args)
+    cfg = run.latents
     try:
         index, count = (int(v) for v in args.shard.split("/"))
     except ValueError:
         raise LingbotError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
-    report = build_cache(Path(args.demos), Path(args.vae), Path(args.out), cfg, shard=(index, count),
-                         rebuild=args.rebuild, progress=not args.quiet)
+    if enabled(run.cluster) and (index, count) == (0, 1):  # every shard, one cluster job each
+        from lingbot.data.latents import build_cache_on_cluster
+
+        report = build_cache_on_cluster(Path(args.demos), Path(args.vae), Path(args.out), cfg, run.cluster,
+                                        run.threads, rebuild=args.rebuild)
+    else:
+        report = build_cache(Path(args.demos), Path(args.vae), Path(args.out), cfg, shard=(index, count),
+                             rebuild=args.rebuild, progress=not args.quiet)
     _write_metrics(args, report)
     _print_json(report)
     return 0
@@ -223,7 +232,10 @@ def cmd_evaluate(args) -> int:
     if cfg.env == "metaworld":
         from lingbot.sim.evaluate import evaluate
 
-        summary = evaluate(policy, cfg, out, progress=not args.quiet)
+        from lingbot.cluster import enabled
+
+        cluster = run.cluster if enabled(run.cluster) else None
+        summary = evaluate(policy, cfg, out, progress=not args.quiet, cluster=cluster)
     elif cfg.env == "lerobot":
         from lingbot.sim.lerobot_env import evaluate_lerobot
 

@@ -242,6 +242,19 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Where the shardable work of cache_latents (shards) and evaluate (episodes) runs (lingbot/cluster.py).
+
+    Not a DVC param of any stage: results are the same on one process or a cluster, so moving a run
+    onto a cluster reruns nothing.
+    """
+
+    address: str = ""  # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786; empty: none
+    workers: int = 0  # without an address: a local Dask cluster of this many processes (0: no fan-out)
+    retries: int = 1  # Prefect retries of a failed job (Dask itself reschedules the jobs of a dead worker)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     preset: str = "small"
     # The chain's seed: every stage's seed derives from it (`chain_seeds`); 0 keeps the sections' own.
@@ -264,6 +277,7 @@ class RunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _tiny() -> RunConfig:

@@ -110,3 +110,18 @@ def tiny_bundle(tmp_path_factory, latent_cache, vae_dir, tiny_config) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "policy"
     write_bundle(out, run / "checkpoint", vae_dir, latent_cache, tiny_config.policy)
     return out
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One temporary Prefect home and server for the session (the first start migrates its database)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    patch.setenv("DO_NOT_TRACK", "1")
+    patch.setenv("DVC_NO_ANALYTICS", "1")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    patch.undo()

@@ -24,21 +24,6 @@ from conftest import REPO
 from test_pipeline import TINY_PARAMS
 
 
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory):
-    """One temporary Prefect home and server for the session (the first start migrates its database)."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    patch.setenv("DO_NOT_TRACK", "1")
-    patch.setenv("DVC_NO_ANALYTICS", "1")
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    patch.undo()
-
-
 def _read_run(state) -> dict:
     """What the server recorded of a flow run: its task runs (by start), logs and artifacts."""
     from prefect.client.orchestration import get_client

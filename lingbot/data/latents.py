@@ -96,8 +96,12 @@ def _episode_arrays(layout, episodes: list[int], state_key: str, action_key: str
 
 
 def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard: tuple[int, int] = (0, 1),
-                rebuild: bool = False, progress: bool = True, only: list[int] | None = None) -> dict:
-    """Encode the ingested dataset at `demos` with the VAE at `vae_dir` into the cache at `out`."""
+                rebuild: bool = False, progress: bool = True, only: list[int] | None = None,
+                prepare_only: bool = False) -> dict:
+    """Encode the ingested dataset at `demos` with the VAE at `vae_dir` into the cache at `out`.
+
+    `prepare_only`: write the manifest and task embeddings (dropping the shards of a stale cache) and
+    stop: what `build_cache_on_cluster` does once before the shards fan out."""
     from safetensors.torch import save_file
 
     from lingbot.data.lerobot_io import iter_episode_frames, open_layout
@@ -189,6 +193,8 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
         with atomic_file(out / "tasks.safetensors") as tmp:
             save_file({"embeddings": torch.from_numpy(embed_tasks(cfg.text_encoder, tasks))}, str(tmp))
 
+    if prepare_only:
+        return {"episodes": len(episodes), "shards": len(shards)}
     mine = [s for s in range(len(shards)) if s % count == index]
     todo = [s for s in mine if not (out / manifest["shards"][s]).is_file()]
     arrays = _episode_arrays(layout, episodes, keys["state"], keys["action"]) if todo else {}
@@ -230,6 +236,33 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
         "encode_frames_per_s": round(frames_encoded / encode_s, 1) if encode_s else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def encode_shard(demos: str, vae_dir: str, out: str, cfg: LatentsConfig, shard: tuple[int, int], threads: int) -> dict:
+    """One shard of the cache (a cluster job): `build_cache` of that shard with `threads` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return build_cache(Path(demos), Path(vae_dir), Path(out), cfg, shard=shard, progress=False)
+
+
+def build_cache_on_cluster(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, cluster, threads: int,
+                           rebuild: bool = False) -> dict:
+    """`build_cache` with one cluster job per shard (lingbot/cluster.py): the manifest first, here, then
+    every shard not yet written; a rerun after a lost worker encodes only the missing shards. The same
+    bytes as one process: each shard is a function of its episodes, the manifest of the inputs."""
+    from lingbot.cluster import fan_out
+
+    t0 = time.perf_counter()
+    plan = build_cache(demos, vae_dir, out, cfg, rebuild=rebuild, progress=False, prepare_only=True)
+    n = plan["shards"]
+    jobs = [(str(demos), str(vae_dir), str(out), cfg, (i, n), threads) for i in range(n)]
+    reports = fan_out(encode_shard, jobs, cluster, "cache-latents-shard")
+    frames = sum(r["frames_encoded"] for r in reports)
+    busy = sum(r["frames_encoded"] / r["encode_frames_per_s"] for r in reports if r["encode_frames_per_s"])
+    return {"episodes": plan["episodes"], "shards": n, "shards_written": sum(r["shards_written"] for r in reports),
+            "frames_encoded": frames, "encode_frames_per_s": round(frames / busy, 1) if busy else None,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def open_manifest(cache: Path, expect: dict | None = None) -> dict:

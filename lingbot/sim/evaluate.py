@@ -110,16 +110,39 @@ def _work(job: tuple[str, int, EvalConfig, bool]) -> dict:
     return run_episode(_WORKER["policy"], task, seed, cfg, record)
 
 
-def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, load=None) -> dict:
-    """Roll out every (task, episode) of `cfg`, write `out` (see module docstring), return the summary.
+def rollout(bundle: str, threads: int, load, job: tuple) -> dict:
+    """One episode as a cluster job (`evaluate` with a cluster): each worker process loads the bundle once."""
+    if _WORKER.get("key") != (bundle, load):
+        _init_worker(bundle, threads, load)
+        _WORKER["key"] = (bundle, load)
+    return _work(job)
 
-    `load(path)` makes the policy in each worker (a module-level function): by default a world-model
-    bundle's `load_policy`; `lingbot.baselines.bc.load_bc` rolls out the BC baseline (no videos).
-    """
+
+def _rollout_pool(bundle: Path, jobs: list, workers: int, threads: int, load, progress: bool) -> list[dict]:
+    """The local pool: `workers` spawned processes, each loading the bundle once."""
     import multiprocessing as mp
 
     from lingbot.progress import progress_bar
 
+    results = []
+    with mp.get_context("spawn").Pool(workers, _init_worker, (str(bundle), threads, load)) as pool:
+        bar = progress_bar(progress, total=len(jobs), desc="evaluate", unit="episode")
+        for result in pool.imap_unordered(_work, jobs):
+            results.append(result)
+            bar.update()
+            bar.set_postfix(success=f"{sum(r['success'] for r in results)}/{len(results)}")
+        bar.close()
+    return results
+
+
+def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, load=None, cluster=None) -> dict:
+    """Roll out every (task, episode) of `cfg`, write `out` (see module docstring), return the summary.
+
+    `load(path)` makes the policy in each worker (a module-level function): by default a world-model
+    bundle's `load_policy`; `lingbot.baselines.bc.load_bc` rolls out the BC baseline (no videos).
+    `cluster` (a ClusterConfig, lingbot/cluster.py): one Prefect task per episode on a Dask cluster
+    instead of the local pool; an episode is a function of its seed, so the outcomes are the same.
+    """
     from lingbot.policy.bundle import read_bundle
     from lingbot.sim.metaworld import task_names
 
@@ -134,16 +157,12 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
     if cfg.episodes < 1:
         raise LingbotError("evaluate: episodes must be >= 1")
     jobs = [(task, cfg.seed + i, cfg, i < cfg.videos) for task in cfg.tasks for i in range(cfg.episodes)]
-    workers = max(1, min(cfg.workers, len(jobs)))
-    threads = cfg.threads
-    results = []
-    with mp.get_context("spawn").Pool(workers, _init_worker, (str(bundle), threads, load)) as pool:
-        bar = progress_bar(progress, total=len(jobs), desc="evaluate", unit="episode")
-        for result in pool.imap_unordered(_work, jobs):
-            results.append(result)
-            bar.update()
-            bar.set_postfix(success=f"{sum(r['success'] for r in results)}/{len(results)}")
-        bar.close()
+    if cluster is not None:
+        from lingbot.cluster import fan_out
+
+        results = fan_out(rollout, [(str(bundle), cfg.threads, load, job) for job in jobs], cluster, "evaluate-episode")
+    else:
+        results = _rollout_pool(bundle, jobs, max(1, min(cfg.workers, len(jobs))), cfg.threads, load, progress)
     results.sort(key=lambda r: (cfg.tasks.index(r["task"]), r["seed"]))
     with atomic_dir(Path(out)) as tmp:
         (tmp / "videos").mkdir(parents=True)
