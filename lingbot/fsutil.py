@@ -80,3 +80,13 @@ def timings_path(metrics: Path) -> Path:
     """Where a stage's timings go beside its DVC metrics file: `reports/eval.json` ->
     `reports/eval.timings.json` (in git, not in dvc.lock: they differ on every run)."""
     return Path(metrics).with_name(f"{Path(metrics).stem}.timings.json")
+
+
+def link_or_copy(src: str, dst: str) -> str:
+    """shutil.copytree's copy_function: a hard link where the filesystem allows it (no second copy of
+    a large dataset on disk; the source files are never written to), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst

@@ -125,3 +125,26 @@ def test_cli_help_is_fast_to_import():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_ingest_takes_only_the_chosen_cameras_and_links_instead_of_copying(collected, tmp_path, monkeypatch):
+    root = collected[0]
+    out = tmp_path / "demos"
+    ingest(IngestConfig(source=str(root), cameras=("observation.images.corner3",)), out)
+    assert sorted(p.name for p in (out / "dataset" / "videos").iterdir()) == ["observation.images.corner3"]
+    parquet = next((root / "data").rglob("*.parquet"))
+    linked = out / "dataset" / parquet.relative_to(root)
+    assert linked.stat().st_ino == parquet.stat().st_ino  # a hard link: the dataset is not stored twice
+    # From the Hub, only meta/, data/ and the chosen cameras' videos are downloaded.
+    import huggingface_hub
+
+    asked = {}
+
+    def fake_download(repo_id, **kwargs):
+        asked.update(kwargs)
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    ingest(IngestConfig(source="someone/metaworld@v1", cameras=("observation.images.gripperPOV",)), tmp_path / "hub")
+    assert asked["revision"] == "v1"
+    assert asked["allow_patterns"] == ["meta/**", "data/**", "videos/observation.images.gripperPOV/**"]

@@ -27,7 +27,7 @@ from lingbot.data.lerobot_io import (
     resolve_source,
 )
 from lingbot.errors import LingbotError
-from lingbot.fsutil import atomic_dir, write_json
+from lingbot.fsutil import atomic_dir, link_or_copy, write_json
 
 DATASET_DIR = "dataset"
 
@@ -66,7 +66,7 @@ def vector_stats(values: np.ndarray, quantiles: tuple[float, float]) -> dict[str
 
 def ingest(cfg: IngestConfig, out: Path) -> dict:
     """Resolve `cfg.source`, check it, and write the ingest directory at `out` atomically."""
-    source = resolve_source(cfg.source)
+    source = resolve_source(cfg.source, cfg.cameras)
     layout = open_layout(source.root)
     cameras = list(cfg.cameras) or layout.video_keys
     if not cameras:
@@ -117,7 +117,17 @@ def ingest(cfg: IngestConfig, out: Path) -> dict:
     }
     with atomic_dir(Path(out)) as tmp:
         tmp.mkdir(parents=True)
-        shutil.copytree(source.root, tmp / DATASET_DIR, ignore=shutil.ignore_patterns(".cache", ".*lock"))
+        # Hard links where possible (a large dataset is not stored twice); the videos of cameras not
+        # taken are left behind.
+        skipped = {key for key in layout.video_keys if key not in cameras}
+
+        def ignore(directory: str, names: list[str]) -> set[str]:
+            dropped = {n for n in names if n.startswith(".") and (n == ".cache" or n.endswith("lock"))}
+            if Path(directory) == source.root / "videos":
+                dropped |= {n for n in names if n in skipped}
+            return dropped
+
+        shutil.copytree(source.root, tmp / DATASET_DIR, ignore=ignore, copy_function=link_or_copy)
         write_json(tmp / "lingbot.json", manifest)
         write_json(tmp / "stats.json", stats)
         write_json(tmp / "split.json", split)

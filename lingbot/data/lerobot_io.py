@@ -36,8 +36,11 @@ class Source:
     commit: str | None = None  # resolved Hub commit for a Hub source
 
 
-def resolve_source(spec: str) -> Source:
-    """Turn a source spec into a local dataset root (downloading a Hub snapshot if needed)."""
+def resolve_source(spec: str, cameras: tuple[str, ...] = ()) -> Source:
+    """Turn a source spec into a local dataset root (downloading a Hub snapshot if needed).
+
+    From the Hub only what the chain reads comes down: meta/, data/ and the videos of `cameras` (all
+    cameras when empty); a many-camera corpus does not cost the disk of the cameras left out."""
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         if not path.is_dir():
@@ -49,7 +52,8 @@ def resolve_source(spec: str) -> Source:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        local = snapshot_download(repo_id, repo_type="dataset", revision=revision)
+        wanted = None if not cameras else ["meta/**", "data/**", *(f"videos/{key}/**" for key in cameras)]
+        local = snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=wanted)
     except LocalEntryNotFoundError:
         raise LingbotError(
             f"{spec}: not in the local Hugging Face cache and the Hub cannot be reached "
