@@ -75,7 +75,9 @@ def cmd_collect(args) -> int:
     if args.camera:
         changes["cameras"] = tuple(args.camera)
     cfg = dataclasses.replace(cfg, **changes)
-    report = collect(cfg, Path(args.out), progress=not args.quiet)
+    from lingbot.cluster import enabled
+
+    report = collect(cfg, Path(args.out), progress=not args.quiet, cluster=run.cluster if enabled(run.cluster) else None)
     _write_metrics(args, report)
     _print_json(report)
     return 0

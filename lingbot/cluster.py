@@ -14,8 +14,9 @@ on every GPU cluster manager (dask-kubernetes, dask-jobqueue for SLURM/PBS, Coil
 `LocalCUDACluster` per GPU node from `dask-cuda`. Ray would add its own object store and runtime,
 which pays off for actor-style or GPU-memory-sharing work we do not have here.
 
-Used by `cache_latents` (one job per shard) and `evaluate` (one job per episode) when `cluster` is
-set in params.yaml; the default (no address, workers 0) keeps them in one process / a local pool.
+Used by `collect` (one job per expert attempt), `cache_latents` (one job per shard) and `evaluate`
+(one job per episode) when `cluster` is set in params.yaml; the default (no address, workers 0) keeps
+them in one process / a local pool.
 """
 
 from __future__ import annotations

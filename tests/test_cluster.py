@@ -1,5 +1,6 @@
-"""The data stages on a Dask cluster through Prefect (lingbot/cluster.py): same bytes and scores as one
-process, a dead worker's job rescheduled, a rerun encoding only the missing shards."""
+"""The data stages on a Dask cluster through Prefect (lingbot/cluster.py): collect, cache_latents and
+evaluate give the same bytes and scores as one process, a dead worker's job is rescheduled, a rerun
+encodes only the missing shards."""
 
 import dataclasses
 import json
@@ -66,3 +67,11 @@ def test_evaluate_on_two_workers_scores_as_the_local_pool(prefect_api, tiny_bund
     assert {k: v for k, v in local.items() if "latency" not in k and "hz" not in k} == \
         {k: v for k, v in spread.items() if "latency" not in k and "hz" not in k}
     assert json.loads((tmp_path / "cluster" / "episodes.json").read_text())[1]["seed"] == cfg.seed + 1
+
+
+def test_collect_on_two_workers_writes_the_same_dataset(prefect_api, collected, tiny_config, tmp_path):
+    from lingbot.data.collect import collect
+
+    report = collect(tiny_config.collect, tmp_path / "collected", progress=False, cluster=LOCAL_2)
+    assert report["episodes"] == collected[1]["episodes"]
+    assert _tree(tmp_path / "collected") == _tree(collected[0])

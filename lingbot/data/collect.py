@@ -150,14 +150,16 @@ def _check(cfg: CollectConfig) -> None:
         raise LingbotError(f"collect: image_size must be >= 16, got {cfg.image_size}")
 
 
-def collect(cfg: CollectConfig, out: Path, progress: bool = True) -> dict:
+def collect(cfg: CollectConfig, out: Path, progress: bool = True, cluster=None) -> dict:
     """Roll out the experts and write a LeRobot v3 dataset at `out` (replaced atomically).
 
-    Returns a report: episodes kept and dropped per task, frames, and throughput.
+    `cluster` (a ClusterConfig, lingbot/cluster.py): the attempts run as Prefect tasks on a Dask
+    cluster instead of the local pool; they come back in submission order and are written here, so
+    the dataset is the same. Returns a report: episodes kept and dropped per task, frames, throughput.
     """
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    from lingbot.progress import progress_bar
 
+    from lingbot.progress import progress_bar
     from lingbot.sim.metaworld import SIM_HZ, task_description
 
     _check(cfg)
@@ -203,7 +205,13 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True) -> dict:
                     next_attempt[task] += 1
             if not jobs:
                 break
-            for episode in pool.map(_rollout_job, jobs):
+            if cluster is not None:
+                from lingbot.cluster import fan_out
+
+                episodes = fan_out(_rollout_job, [(job,) for job in jobs], cluster, "collect-episode")
+            else:
+                episodes = pool.map(_rollout_job, jobs)
+            for episode in episodes:
                 render_s += episode.render_s
                 sim_s += episode.sim_s
                 rendered_steps += len(episode.actions)
