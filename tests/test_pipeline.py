@@ -12,7 +12,7 @@ TINY_PARAMS = {
     "seed": 0,
     "threads": 2,
     "collect": {"episodes": 2},
-    "ingest": {"val_fraction": 0.5},
+    "ingest": {"source": "data/collected", "val_fraction": 0.5},
     "validate": {"min_episode_length": 8},
     "vae": {"steps": 2},
     "latents": {"episodes_per_shard": 2},
