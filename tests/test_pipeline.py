@@ -103,7 +103,7 @@ def test_repro_runs_caches_and_reruns_only_downstream(project, first_repro):
     again = _dvc(project, "repro")
     assert "Running stage" not in again.stdout
 
-    params = dict(TINY_PARAMS, ingest={"val_fraction": 0.0})
+    params = dict(TINY_PARAMS, ingest={"source": "data/collected", "val_fraction": 0.0})
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     changed = _dvc(project, "repro")
     assert "Running stage 'collect'" not in changed.stdout

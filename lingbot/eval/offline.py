@@ -137,8 +137,11 @@ def _psnr(policy, session, frames: dict) -> dict:
 
 
 def evaluate_offline(bundle: Path, demos: Path, out: Path, tasks: tuple[str, ...] = (), episodes: int = 0,
-                     seed: int = 100_000, figures: int = 2, progress: bool = True, policy=None) -> dict:
-    """Score `bundle` on the held-out episodes of `demos` (see the module docstring); returns the summary."""
+                     seed: int = 100_000, figures: int = 2, progress: bool = True, policy=None,
+                     missing_ok: bool = False) -> dict:
+    """Score `bundle` on the held-out episodes of `demos` (see the module docstring); returns the summary.
+    `missing_ok`: no held-out episode of `tasks` (a split without validation episodes) scores nothing
+    and returns {} instead of failing (the closed-loop evaluation still ran)."""
     from lingbot.progress import progress_bar
 
     from lingbot.data.lerobot_io import channel_names, open_layout, read_state_action
@@ -151,7 +154,12 @@ def evaluate_offline(bundle: Path, demos: Path, out: Path, tasks: tuple[str, ...
     if list(keys["cameras"]) != list(policy.cameras) or keys["action"] != policy.meta["action_key"]:
         raise LingbotError(f"{demos}: cameras {keys['cameras']} / action {keys['action']!r} are not the policy's "
                            f"({policy.cameras} / {policy.meta['action_key']!r})")
-    chosen = held_out_episodes(demos, tasks, episodes)
+    try:
+        chosen = held_out_episodes(demos, tasks, episodes)
+    except LingbotError:
+        if missing_ok:
+            return {}
+        raise
     layout = open_layout(demos / "dataset")
     table = read_state_action(layout, keys["state"], keys["action"])
     names = channel_names((manifest.get("names") or {}).get(keys["action"]), policy.meta["action_dim"])
