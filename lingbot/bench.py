@@ -365,7 +365,6 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     """
     from lingbot.baselines.bc import BCConfig, load_bc, load_demos, save_bc, train_bc
     from lingbot.config import load_run_config
-    from lingbot.fsutil import timings_path
     from lingbot.sim.evaluate import evaluate
 
     run_cfg = load_run_config(params)
@@ -401,13 +400,23 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
         wins = sum(reported[f"{task}/success_rate"] * k for task, k in zip(eval_cfg.tasks, n))
         result["world_model_success_rate"] = round(wins / sum(n), 4)
         result["world_model_episodes"] = sum(n)
-    for name in ("pretrain", "finetune"):  # the world model's training budget, for comparison
+    for name, seconds in world_model_train_seconds(run_cfg).items():  # its budget, for comparison
+        result[f"world_model_{name}_seconds"] = round(seconds, 1)
+    return result
+
+
+def world_model_train_seconds(run_cfg) -> dict[str, float]:
+    """{stage: seconds} of the workspace run's pretrain and finetune (steps x batch / samples per s, from
+    reports/<stage>.json and its timings); a stage without both files is left out."""
+    from lingbot.fsutil import timings_path
+
+    out = {}
+    for name in ("pretrain", "finetune"):
         path = Path(f"reports/{name}.json")
         if path.is_file() and timings_path(path).is_file():
             r = json.loads(path.read_text()) | json.loads(timings_path(path).read_text())
-            result[f"world_model_{name}_seconds"] = round(r["steps"] * getattr(run_cfg, name).batch_size
-                                                          / r["samples_per_s"], 1)
-    return result
+            out[name] = r["steps"] * getattr(run_cfg, name).batch_size / r["samples_per_s"]
+    return out
 
 
 def _same_recipe(checkpoint: Path, model_cfg, train_cfg) -> bool:
@@ -516,11 +525,13 @@ def _world_model_row(run_cfg, target: str) -> dict:
 
     reported = json.loads(Path("reports/eval.json").read_text())
     timings = json.loads(timings_path(Path("reports/eval.json")).read_text())
-    seconds = 0.0
-    for name in ("pretrain", "finetune"):
-        r = json.loads(Path(f"reports/{name}.json").read_text())
-        seconds += r["steps"] * getattr(run_cfg, name).batch_size / json.loads(
-            timings_path(Path(f"reports/{name}.json")).read_text())["samples_per_s"]
+    trained = world_model_train_seconds(run_cfg)
+    if len(trained) != 2:
+        from lingbot.errors import LingbotError
+
+        raise LingbotError("bench peers: reports/pretrain.json and reports/finetune.json (with their timings) are "
+                           "missing; run `dvc repro` first")
+    seconds = sum(trained.values())
     return {"method": "lingbot world model", "target": target,
             "demos": json.loads(Path("reports/finetune.json").read_text())["episodes"], "train_s": round(seconds, 1),
             "success": reported[f"{target}/success_rate"], "ci_low": reported[f"{target}/success_ci_low"],

@@ -38,15 +38,12 @@ from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir, atomic_file, write_json
 
 
-def held_out_episodes(demos: Path, tasks: tuple[str, ...] = (), limit: int = 0) -> list[tuple[int, str]]:
-    """(episode index, task) of the split's held-out episodes, of `tasks` only when given."""
-    from lingbot.data.lerobot_io import open_layout
-
-    demos = Path(demos)
-    split = demos / "split.json"
+def held_out_episodes(demos: Path, layout, tasks: tuple[str, ...] = (), limit: int = 0) -> list[tuple[int, str]]:
+    """(episode index, task) of the split's held-out episodes (`layout`: the ingested dataset's), of
+    `tasks` only when given."""
+    split = Path(demos) / "split.json"
     if not split.is_file():
         raise LingbotError(f"{split}: missing; offline evaluation needs the ingested split (run ingest)")
-    layout = open_layout(demos / "dataset")
     task_of = {int(r["episode_index"]): r["tasks"][0] if isinstance(r["tasks"], (list, np.ndarray)) else r["tasks"]
                for r in layout.episodes.to_dict("records")}
     val = [int(e) for e in json.loads(split.read_text())["val"]]
@@ -154,27 +151,28 @@ def evaluate_offline(bundle: Path, demos: Path, out: Path, tasks: tuple[str, ...
     if list(keys["cameras"]) != list(policy.cameras) or keys["action"] != policy.meta["action_key"]:
         raise LingbotError(f"{demos}: cameras {keys['cameras']} / action {keys['action']!r} are not the policy's "
                            f"({policy.cameras} / {policy.meta['action_key']!r})")
+    layout = open_layout(demos / "dataset")
     try:
-        chosen = held_out_episodes(demos, tasks, episodes)
+        chosen = held_out_episodes(demos, layout, tasks, episodes)
     except LingbotError:
         if missing_ok:
             return {}
         raise
-    layout = open_layout(demos / "dataset")
     table = read_state_action(layout, keys["state"], keys["action"])
     names = channel_names((manifest.get("names") or {}).get(keys["action"]), policy.meta["action_dim"])
     results = []
     for i, (episode, task) in enumerate(progress_bar(progress, iterable=chosen, desc="offline", unit="episode")):
         scored = score_episode(policy, task, _read_episode(layout, keys, table, episode), seed + i)
         scored |= {"episode": episode, "task": task}
+        scored["errors"], scored["robot_errors"] = _errors(policy, scored)
         results.append(scored)
     with atomic_dir(Path(out)) as tmp:
         (tmp / "figures").mkdir(parents=True)
         for r in results[:figures]:
             plot_episode(r, names, tmp / "figures" / f"episode-{r['episode']}.png")
-        write_json(tmp / "episodes.json", [_episode_record(policy, r) for r in results])
+        write_json(tmp / "episodes.json", [_episode_record(r) for r in results])
         write_json(tmp / "timings.json", [{"episode": r["episode"], "latency_ms": r["latency_ms"]} for r in results])
-    return summarize(policy, results, names)
+    return summarize(results, names)
 
 
 def _errors(policy, r: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -186,17 +184,17 @@ def _errors(policy, r: dict) -> tuple[np.ndarray, np.ndarray]:
     return normalised, np.abs(pred - rec)
 
 
-def _episode_record(policy, r: dict) -> dict:
-    normalised, _ = _errors(policy, r)
+def _episode_record(r: dict) -> dict:
     record = {"task": r["task"], "episode": r["episode"], "chunks": len(r["starts"]),
-              "action_error": round(float(normalised.mean()), 5)}
+              "action_error": round(float(r["errors"].mean()), 5)}
     return record | {k: round(r[k], 3) for k in ("imagined_psnr_db", "reconstruction_psnr_db") if k in r}
 
 
-def summarize(policy, results: list[dict], names: list[str]) -> dict:
-    """Flat metrics (module docstring), with the timings under their `latency_ms` keys."""
-    normalised = np.concatenate([_errors(policy, r)[0] for r in results])  # (chunks, K, A)
-    robot = np.concatenate([_errors(policy, r)[1] for r in results])
+def summarize(results: list[dict], names: list[str]) -> dict:
+    """Flat metrics (module docstring), with the timings under their `latency_ms` keys; `results`
+    carry their `_errors` (errors, robot_errors)."""
+    normalised = np.concatenate([r["errors"] for r in results])  # (chunks, K, A)
+    robot = np.concatenate([r["robot_errors"] for r in results])
     summary = {"episodes": len(results), "chunks": int(len(normalised)),
                "action_error": round(float(normalised.mean()), 5)}
     for i, value in enumerate(normalised.mean(axis=(0, 2)), 1):
@@ -205,7 +203,7 @@ def summarize(policy, results: list[dict], names: list[str]) -> dict:
         summary[f"action_error/{name}"] = round(float(normalised[..., j].mean()), 5)
         summary[f"action_error_robot/{name}"] = round(float(robot[..., j].mean()), 6)
     for task in sorted({r["task"] for r in results}):
-        rows = [_errors(policy, r)[0] for r in results if r["task"] == task]
+        rows = [r["errors"] for r in results if r["task"] == task]
         summary[f"{task}/task_action_error"] = round(float(np.concatenate(rows).mean()), 5)
     for key in ("imagined_psnr_db", "reconstruction_psnr_db"):
         values = [r[key] for r in results if key in r]
