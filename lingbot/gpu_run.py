@@ -20,7 +20,8 @@ process with its own time limit, so that one failing or hanging step does not st
     train     training throughput of the `base` preset in bf16: samples/s, tokens/s, MFU against a
               measured bf16 matmul peak (batch sizes side by side)
     realtime  chunk latency of the `paper` preset at LIBERO-like shapes, fp32 / bf16 autocast / bf16
-              weights side by side, full and half-way video denoising, cache vs recompute, the card
+              weights / bf16 weights with the experts torch.compiled, side by side, full and half-way
+              video denoising, cache vs recompute, the card
     vae       a VAE fit on the carried frames for a fixed time, held-out PSNR/SSIM
     policy    pretrain + finetune of the `gpu` params set on the carried latents for a fixed time,
               plain BC for the same seconds, both evaluated on the same held-out episodes
@@ -635,7 +636,7 @@ def step_realtime(result: StepResult, args, prepared: dict) -> None:
 
     from lingbot.bench import chunk_latency
     from lingbot.config import preset
-    from lingbot.model.world_model import WorldModel, count_parameters
+    from lingbot.model.world_model import WorldModel, compile_experts, count_parameters
 
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
@@ -662,12 +663,20 @@ def step_realtime(result: StepResult, args, prepared: dict) -> None:
             torch.nn.init.normal_(head.weight, std=0.02)
     result.update(params=count_parameters(model))
     reference = None
-    for mode in args.modes or ("fp32", "bf16-autocast", "bf16-weights"):
+    for mode in args.modes or ("fp32", "bf16-autocast", "bf16-weights", "bf16-compile"):
         try:
-            if mode == "bf16-weights":
+            if mode in ("bf16-weights", "bf16-compile"):
                 model.to(torch.bfloat16)
+            if mode == "bf16-compile":  # on a CPU only traced (backend eager): the wiring, not the speed
+                compile_experts(model, backend="eager" if not cuda else "inductor")
+                t0 = time.perf_counter()
+                chunk_latency(model, run_cfg, policy_cfg, mode, frames * cams, latent_hw, histories, 1,
+                              diff_history, device)  # compiles every shape the timed pass meets
+                compile_s = round(time.perf_counter() - t0, 1)
             r = chunk_latency(model, run_cfg, policy_cfg, mode, frames * cams, latent_hw, histories,
                                  args.repeats or (2 if args.cpu else 3), diff_history, device, reference)
+            if mode == "bf16-compile":
+                r["compile_s"] = compile_s
             if mode == "fp32":
                 reference = r.get("_actions")
             r.pop("_actions", None)

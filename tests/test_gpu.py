@@ -139,4 +139,10 @@ def test_run_cpu_broken_input_is_a_failed_step(prepared, tmp_path):
     assert result.returncode == 1
     vae = json.loads((out / "vae.json").read_text())
     assert vae["status"] == "failed" and "frames.json" in vae["error"]
-    assert json.loads((out / "realtime.json").read_text())["status"] == "ok"
+    realtime = json.loads((out / "realtime.json").read_text())
+    assert realtime["status"] == "ok"
+    # Every latency variant ran, the compiled one (traced only, on a CPU) giving the bf16 weights' actions.
+    variants = realtime["variants"]
+    assert set(variants) == {"fp32", "bf16-autocast", "bf16-weights", "bf16-compile"}
+    assert all("latency_ms_hist3" in v for v in variants.values()), variants
+    assert variants["bf16-compile"]["actions_max_abs_diff_vs_fp32"] < 0.1 and variants["bf16-compile"]["compile_s"] > 0

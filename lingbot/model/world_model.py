@@ -458,6 +458,22 @@ class WorldModel(nn.Module):
         return out_v, out_a
 
 
+def compile_experts(model: WorldModel, backend: str = "inductor") -> None:
+    """`torch.compile` each expert's projections and FFN half (`qkv`, `finish`) in place, for inference.
+
+    Their token counts are fixed per kind of step (a video chunk, an action chunk, both), so each
+    compiles once per shape; the attention over the growing KV cache stays eager. The recompile limit
+    is raised to hold every (expert width x step kind) shape. `backend="eager"` traces without
+    generating code (the CPU check of the GPU run's compiled variant)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    for layer in model.layers:
+        for expert in (layer.video, layer.action):
+            expert.qkv = torch.compile(expert.qkv, backend=backend)
+            expert.finish = torch.compile(expert.finish, backend=backend)
+
+
 def count_parameters(model: WorldModel) -> dict[str, int]:
     """Parameters of the video expert (with its embeddings and heads) and of the action expert."""
     action = sum(p.numel() for name, p in model.named_parameters()
