@@ -50,6 +50,7 @@ class IngestConfig:
 
     source: str = "data/collected"  # local LeRobot v3 dir, or a Hub repo id `org/name@revision`
     cameras: tuple[str, ...] = ()  # image feature keys; empty = every camera of the dataset
+    episodes: str = ""  # LeRobot episode indices and ranges to take, "0-99,120"; empty = every episode
     state: str = "observation.state"
     action: str = "action"
     val_fraction: float = 0.1  # of episodes, per task, at least one when a task has >= 2 episodes

@@ -148,3 +148,92 @@ def test_ingest_takes_only_the_chosen_cameras_and_links_instead_of_copying(colle
     ingest(IngestConfig(source="someone/metaworld@v1", cameras=("observation.images.gripperPOV",)), tmp_path / "hub")
     assert asked["revision"] == "v1"
     assert asked["allow_patterns"] == ["meta/**", "data/**", "videos/observation.images.gripperPOV/**"]
+
+
+def test_ingest_takes_only_the_chosen_episodes(lerobot_made, tmp_path):
+    """`ingest.episodes`: the split, stats and dataset copy hold those episodes alone, and it validates."""
+    import pyarrow.parquet as pq
+
+    from lingbot.data.lerobot_io import open_layout, read_frames
+
+    root, lengths = lerobot_made
+    out = tmp_path / "demos"
+    report = ingest(IngestConfig(source=str(root), episodes="0, 2-3", val_fraction=0.5), out)
+    assert report["episodes"] == 3 and report["frames"] == lengths[0] + lengths[2] + lengths[3]
+    split = json.loads((out / "split.json").read_text())
+    assert sorted(split["train"] + split["val"]) == [0, 2, 3]
+    manifest = json.loads((out / "lingbot.json").read_text())
+    assert manifest["source"]["episodes"] == "0, 2-3"
+    # Stats from the chosen train episodes' frames only.
+    frames = pq.read_table(next((root / "data").rglob("*.parquet"))).to_pandas()
+    action = np.stack(frames[frames["episode_index"].isin(split["train"])]["action"].to_numpy())
+    stats = json.loads((out / "stats.json").read_text())
+    np.testing.assert_allclose(stats["action"]["mean"], action.astype(np.float64).mean(0), rtol=1e-9)
+    # The copy is a consistent dataset of the 3 episodes: episode 1's rows are gone from its data table.
+    copy = open_layout(out / "dataset")
+    assert copy.info["total_episodes"] == 3 and copy.info["total_frames"] == report["frames"]
+    assert sorted(set(read_frames(copy, ["episode_index"]).column("episode_index").to_pylist())) == [0, 2, 3]
+    assert validate(out, ValidateConfig(min_episode_length=5))["success"]
+    # Another choice is another dataset to everything downstream.
+    ingest(IngestConfig(source=str(root), episodes="0-2", val_fraction=0.5), tmp_path / "other")
+    assert json.loads((tmp_path / "other" / "lingbot.json").read_text())["fingerprint"] != manifest["fingerprint"]
+
+    for spec, message in (("3-1", "'3-1' is not an episode index"), ("0,9", "episode 9 not in the dataset")):
+        with pytest.raises(LingbotError, match=message):
+            ingest(IngestConfig(source=str(root), episodes=spec), tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
+
+
+def test_hub_ingest_downloads_only_the_files_of_the_chosen_episodes(tmp_path, monkeypatch):
+    """v3 packs episodes into files: from the Hub, meta/ first, then only the files the chosen ones are in."""
+    import fnmatch
+
+    import huggingface_hub
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    repo = tmp_path / "repo"  # the Hub's copy: one data file and one video file per camera per episode
+    features = {
+        "observation.state": {"dtype": "float32", "shape": (3,), "names": None},
+        "action": {"dtype": "float32", "shape": (3,), "names": None},
+        **{f"observation.images.{cam}": {"dtype": "video", "shape": (32, 32, 3), "names": ["height", "width", "channels"]}
+           for cam in ("top", "wrist")},
+    }
+    ds = LeRobotDataset.create("someone/packed", fps=10, features=features, root=repo, streaming_encoding=True,
+                               data_files_size_in_mb=1e-6, video_files_size_in_mb=1e-6)
+    rng = np.random.default_rng(0)
+    for ep in range(5):
+        for _ in range(9 + ep):
+            ds.add_frame({"observation.state": rng.normal(size=3).astype(np.float32),
+                          "action": rng.uniform(-1, 1, 3).astype(np.float32),
+                          "observation.images.top": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+                          "observation.images.wrist": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+                          "task": f"task {ep % 2}"})
+        ds.save_episode()
+    ds.finalize()
+    files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+    assert sum(f.startswith("data/") for f in files) == 5
+
+    snapshot = tmp_path / "cache" / ("ab" * 20)
+    asked = []
+
+    def fake_download(repo_id, revision, allow_patterns, **kwargs):
+        asked.append(allow_patterns)
+        for rel in files:
+            if any(fnmatch.fnmatch(rel, pattern) for pattern in allow_patterns):
+                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(repo / rel, snapshot / rel)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    out = tmp_path / "demos"
+    report = ingest(IngestConfig(source="someone/packed@v1", episodes="1,3", cameras=("observation.images.top",),
+                                 val_fraction=0.5), out)
+    assert report["episodes"] == 2 and report["frames"] == 10 + 12
+    assert asked[0] == ["meta/**"]
+    downloaded = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
+    assert [f for f in downloaded if not f.startswith("meta/")] == [
+        "data/chunk-000/file-001.parquet", "data/chunk-000/file-003.parquet",
+        "videos/observation.images.top/chunk-000/file-001.mp4", "videos/observation.images.top/chunk-000/file-003.mp4"]
+    assert json.loads((out / "lingbot.json").read_text())["source"]["commit"] == "ab" * 20
+    result = validate(out, ValidateConfig(min_episode_length=5))
+    assert result["success"], result["failures_text"]

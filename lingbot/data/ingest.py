@@ -3,7 +3,10 @@
 Output directory (the contract every later stage reads)::
 
     DIR/
-      dataset/          the LeRobot v3 dataset, copied verbatim (meta/, data/, videos/)
+      dataset/          the LeRobot v3 dataset (meta/, data/, videos/ of the chosen cameras), hard-linked;
+                        with `ingest.episodes`, the chosen episodes only: meta/episodes, info.json's
+                        totals and the data tables keep their rows alone, videos are linked whole
+                        (segments of other episodes packed in the same file go unused)
       lingbot.json      source (spec, repo id, revision, commit), content fingerprint, fps,
                         the chosen keys {cameras, state, action}, their shapes, the task strings
       stats.json        per key: q01, q99 (the normalisation bounds, as LingBot-VA uses), mean, std,
@@ -20,9 +23,12 @@ import numpy as np
 
 from lingbot.config import IngestConfig
 from lingbot.data.lerobot_io import (
+    DatasetLayout,
     check_keys,
+    episode_tasks,
     fingerprint,
     open_layout,
+    parse_episodes,
     read_state_action,
     resolve_source,
 )
@@ -66,8 +72,9 @@ def vector_stats(values: np.ndarray, quantiles: tuple[float, float]) -> dict[str
 
 def ingest(cfg: IngestConfig, out: Path) -> dict:
     """Resolve `cfg.source`, check it, and write the ingest directory at `out` atomically."""
-    source = resolve_source(cfg.source, cfg.cameras)
-    layout = open_layout(source.root)
+    chosen = parse_episodes(cfg.episodes)
+    source = resolve_source(cfg.source, cfg.cameras, chosen)
+    layout = open_layout(source.root, chosen)
     cameras = list(cfg.cameras) or layout.video_keys
     if not cameras:
         raise LingbotError(f"{source.root}: dataset has no video cameras (image datasets are not supported)")
@@ -85,13 +92,8 @@ def ingest(cfg: IngestConfig, out: Path) -> dict:
                 f"{where}: column {name!r} has NaN/inf in episode {int(episode_index[bad][0])}"
             )
 
-    episode_tasks = {}
-    for ep in layout.episodes.to_dict("records"):
-        tasks = list(ep.get("tasks") or [])
-        if not tasks:
-            raise LingbotError(f"{source.root}: episode {ep['episode_index']} has no task string")
-        episode_tasks[int(ep["episode_index"])] = str(tasks[0])
-    split = split_episodes(episode_tasks, cfg.val_fraction, cfg.seed)
+    tasks_of = episode_tasks(layout)
+    split = split_episodes(tasks_of, cfg.val_fraction, cfg.seed)
     in_train = np.isin(episode_index, split["train"])
     stats = {
         cfg.state: vector_stats(state[in_train], cfg.quantiles),
@@ -104,17 +106,19 @@ def ingest(cfg: IngestConfig, out: Path) -> dict:
             "revision": source.revision,
             "commit": source.commit,
         },
-        "fingerprint": fingerprint(source.root),
+        "fingerprint": fingerprint(source.root) if chosen is None else None,  # a subset's: of what is written
         "codebase_version": layout.info["codebase_version"],
         "robot_type": layout.info.get("robot_type"),
         "fps": layout.fps,
         "keys": {"cameras": cameras, "state": cfg.state, "action": cfg.action},
         "shapes": {k: list(layout.features[k]["shape"]) for k in [*cameras, cfg.state, cfg.action]},
         "names": {k: layout.features[k].get("names") for k in (cfg.state, cfg.action)},
-        "tasks": sorted(set(episode_tasks.values())),
-        "episodes": len(episode_tasks),
+        "tasks": sorted(set(tasks_of.values())),
+        "episodes": len(tasks_of),
         "frames": int(len(episode_index)),
     }
+    if chosen is not None:
+        manifest["source"]["episodes"] = cfg.episodes
     with atomic_dir(Path(out)) as tmp:
         tmp.mkdir(parents=True)
         # Hard links where possible (a large dataset is not stored twice); the videos of cameras not
@@ -127,7 +131,11 @@ def ingest(cfg: IngestConfig, out: Path) -> dict:
                 dropped |= {n for n in names if n in skipped}
             return dropped
 
-        shutil.copytree(source.root, tmp / DATASET_DIR, ignore=ignore, copy_function=link_or_copy)
+        if chosen is None:
+            shutil.copytree(source.root, tmp / DATASET_DIR, ignore=ignore, copy_function=link_or_copy)
+        else:
+            write_subset(layout, cameras, tmp / DATASET_DIR)
+            manifest["fingerprint"] = fingerprint(tmp / DATASET_DIR)
         write_json(tmp / "lingbot.json", manifest)
         write_json(tmp / "stats.json", stats)
         write_json(tmp / "split.json", split)
@@ -138,3 +146,36 @@ def ingest(cfg: IngestConfig, out: Path) -> dict:
         "val_episodes": len(split["val"]),
         "tasks": len(manifest["tasks"]),
     }
+
+
+def _meta_files(root: Path) -> list[str]:
+    return [str(p.relative_to(root)) for p in sorted((root / "meta").rglob("*")) if p.is_file()]
+
+
+def write_subset(layout: DatasetLayout, cameras: list[str], dest: Path) -> None:
+    """The restricted `layout` as a dataset at `dest`: its episodes' rows of meta/episodes and of the
+    data tables, info.json's totals for them, the other meta files and the videos hard-linked."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    root = layout.root
+    chosen = pa.array(layout.episodes["episode_index"].astype("int64").to_numpy())
+    for rel in _meta_files(root):
+        if rel.startswith(("meta/episodes/", "meta/info.json")):
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(root / rel, dest / rel)
+    episodes = pa.concat_tables(pq.read_table(p) for p in sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet")))
+    episodes = episodes.filter(pc.is_in(episodes.column("episode_index"), value_set=chosen))
+    (dest / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
+    pq.write_table(episodes, dest / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+    info = dict(layout.info, total_episodes=len(layout.episodes), total_frames=int(layout.episodes["length"].sum()))
+    write_json(dest / "meta" / "info.json", info)
+    for rel in layout.files(cameras):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.startswith("data/"):
+            table = pq.read_table(root / rel)
+            pq.write_table(table.filter(pc.is_in(table.column("episode_index"), value_set=chosen)), dest / rel)
+        else:
+            link_or_copy(root / rel, dest / rel)

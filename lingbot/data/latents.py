@@ -104,7 +104,7 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
     stop: what `build_cache_on_cluster` does once before the shards fan out."""
     from safetensors.torch import save_file
 
-    from lingbot.data.lerobot_io import iter_episode_frames, open_layout
+    from lingbot.data.lerobot_io import episode_tasks, iter_episode_frames, open_layout
     from lingbot.data.text import embed_tasks, encoder_fingerprint
     from lingbot.progress import progress_bar
     from lingbot.vae.wan import encode_clip, load_vae, spatial_ratio, to_pixels
@@ -177,10 +177,7 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
                 stale.unlink()
     # Episode lengths and splits are known before encoding: the manifest is complete from the start.
     val = set(split["val"])
-    task_of = {}
-    for ep in episodes:
-        row_tasks = list(ep_rows[ep].get("tasks") or [])
-        task_of[ep] = tasks.index(str(row_tasks[0]))
+    task_of = {ep: tasks.index(task) for ep, task in episode_tasks(layout).items()}
     for s, shard_eps in enumerate(shards):
         for ep in shard_eps:
             _, n_latent = latent_alignment(int(ep_rows[ep]["length"]), cfg.frame_stride)

@@ -11,6 +11,7 @@ a library deeper down can fail with a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -36,11 +37,26 @@ class Source:
     commit: str | None = None  # resolved Hub commit for a Hub source
 
 
-def resolve_source(spec: str, cameras: tuple[str, ...] = ()) -> Source:
+def parse_episodes(spec: str) -> list[int] | None:
+    """`ingest.episodes`: LeRobot episode indices and inclusive ranges, "0-99,120,130-139"; "" = all."""
+    spec = str(spec).strip()
+    if not spec:
+        return None
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise LingbotError(f"ingest.episodes: {part.strip()!r} is not an episode index or a range a-b (a <= b)")
+        chosen.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return sorted(chosen)
+
+
+def resolve_source(spec: str, cameras: tuple[str, ...] = (), episodes: list[int] | None = None) -> Source:
     """Turn a source spec into a local dataset root (downloading a Hub snapshot if needed).
 
-    From the Hub only what the chain reads comes down: meta/, data/ and the videos of `cameras` (all
-    cameras when empty); a many-camera corpus does not cost the disk of the cameras left out."""
+    From the Hub only what the chain reads comes down: meta/, then the data and video files of the
+    chosen `episodes` (all when None) and `cameras` (all when empty). v3 packs many episodes into one
+    file, so a few hundred episodes of a corpus of thousands cost the disk of the files holding them."""
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         if not path.is_dir():
@@ -51,17 +67,23 @@ def resolve_source(spec: str, cameras: tuple[str, ...] = ()) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
-        wanted = None if not cameras else ["meta/**", "data/**", *(f"videos/{key}/**" for key in cameras)]
-        local = snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=wanted)
-    except LocalEntryNotFoundError:
-        raise LingbotError(
-            f"{spec}: not in the local Hugging Face cache and the Hub cannot be reached "
-            "(download it once with network, or pass a local dataset directory)"
-        ) from None
-    except HfHubHTTPError as exc:
-        raise LingbotError(f"{spec}: Hub refused the download ({str(exc).splitlines()[0]})") from None
-    root = Path(local)
+    def download(patterns: list[str] | None) -> Path:
+        try:
+            return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns))
+        except LocalEntryNotFoundError:
+            raise LingbotError(
+                f"{spec}: not in the local Hugging Face cache and the Hub cannot be reached "
+                "(download it once with network, or pass a local dataset directory)"
+            ) from None
+        except HfHubHTTPError as exc:
+            raise LingbotError(f"{spec}: Hub refused the download ({str(exc).splitlines()[0]})") from None
+
+    if episodes is None:
+        root = download(None if not cameras else ["meta/**", "data/**", *(f"videos/{key}/**" for key in cameras)])
+    else:
+        meta = read_meta(download(["meta/**"]))
+        chosen = meta.restricted(episodes)
+        root = download(["meta/**", *chosen.files(list(cameras) or chosen.video_keys)])
     commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
     return Source(spec=spec, root=root, repo_id=repo_id, revision=revision, commit=commit)
 
@@ -75,6 +97,7 @@ class DatasetLayout:
     episodes: "object"  # pandas.DataFrame of meta/episodes (one row per episode)
     tasks: dict[int, str]  # task_index -> task string
     data_files: list[Path] = field(default_factory=list)
+    selected: bool = False  # a subset of the listed episodes (see `restricted`)
 
     @property
     def fps(self) -> int:
@@ -96,6 +119,30 @@ class DatasetLayout:
         )
         return self.root / rel
 
+    def data_path(self, episode: dict) -> Path:
+        rel = self.info["data_path"].format(
+            chunk_index=int(episode["data/chunk_index"]), file_index=int(episode["data/file_index"])
+        )
+        return self.root / rel
+
+    def restricted(self, episodes: list[int]) -> "DatasetLayout":
+        """This dataset seen through `episodes` only: their rows of meta/episodes and the data files
+        holding them. Those files may hold other episodes too; `read_frames` leaves their rows out."""
+        listed = set(int(e) for e in self.episodes["episode_index"])
+        missing = [e for e in episodes if e not in listed]
+        if missing:
+            raise LingbotError(f"{self.root / 'meta' / 'episodes'}: episode {missing[0]} not in the dataset "
+                               f"(it has {len(listed)} episodes, {min(listed)}..{max(listed)})")
+        rows = self.episodes[self.episodes["episode_index"].isin(episodes)].reset_index(drop=True)
+        data_files = list(dict.fromkeys(self.data_path(ep) for ep in rows.to_dict("records")))
+        return dataclasses.replace(self, episodes=rows, data_files=data_files, selected=True)
+
+    def files(self, cameras: list[str]) -> list[str]:
+        """Relative paths of the data files and of `cameras`' video files that hold this layout's episodes."""
+        rows = self.episodes.to_dict("records")
+        paths = [self.data_path(ep) for ep in rows] + [self.video_path(ep, key) for key in cameras for ep in rows]
+        return [str(p.relative_to(self.root)) for p in dict.fromkeys(paths)]
+
 
 def _read_parquet(path: Path, columns: list[str] | None = None, schema_only: bool = False):
     import pyarrow as pa
@@ -109,8 +156,8 @@ def _read_parquet(path: Path, columns: list[str] | None = None, schema_only: boo
         raise LingbotError(f"{path}: unreadable or truncated parquet ({str(exc).splitlines()[0]})") from None
 
 
-def open_layout(root: Path) -> DatasetLayout:
-    """Check a local LeRobot v3 dataset's metadata and file list; read its episode and task tables."""
+def read_meta(root: Path) -> DatasetLayout:
+    """Check a LeRobot v3 dataset's metadata (meta/ only) and read its episode and task tables."""
     root = Path(root)
     info_path = root / "meta" / "info.json"
     info = read_json(info_path, f"missing; {root} is not a LeRobot dataset")
@@ -145,21 +192,29 @@ def open_layout(root: Path) -> DatasetLayout:
     names = tasks_table["task"] if "task" in tasks_table.columns else tasks_table.index
     tasks = {int(i): str(t) for i, t in zip(tasks_table["task_index"], names)}
 
-    data_files = []
-    for ep in episodes.to_dict("records"):
-        rel = info["data_path"].format(
-            chunk_index=int(ep["data/chunk_index"]), file_index=int(ep["data/file_index"])
-        )
-        if (root / rel) not in data_files:
-            data_files.append(root / rel)
-    for path in data_files:
+    return DatasetLayout(root=root, info=info, episodes=episodes, tasks=tasks)
+
+
+def open_layout(root: Path, episodes: list[int] | None = None) -> DatasetLayout:
+    """Check a local LeRobot v3 dataset's metadata and data files (those of `episodes` only, when
+    given); read its episode and task tables."""
+    layout = read_meta(root)
+    if episodes is not None:
+        return _check_data_files(layout.restricted(episodes))
+    data_files = list(dict.fromkeys(layout.data_path(ep) for ep in layout.episodes.to_dict("records")))
+    return _check_data_files(dataclasses.replace(layout, data_files=data_files))
+
+
+def _check_data_files(layout: DatasetLayout) -> DatasetLayout:
+    for path in layout.data_files:
         if not path.is_file():
             raise LingbotError(f"{path}: parquet file missing (referenced by meta/episodes)")
-    return DatasetLayout(root=root, info=info, episodes=episodes, tasks=tasks, data_files=data_files)
+    return layout
 
 
 def read_frames(layout: DatasetLayout, columns: list[str] | None = None):
-    """The frame table (all data parquet files, in episode order) as a pyarrow Table.
+    """The frame table (all data parquet files, in episode order; a restricted layout's episodes
+    only) as a pyarrow Table.
 
     Requested columns that no file has are left out (the caller's expectations report them).
     """
@@ -170,7 +225,31 @@ def read_frames(layout: DatasetLayout, columns: list[str] | None = None):
         for path in layout.data_files:
             present |= set(_read_parquet(path, schema_only=True).names)
         columns = [c for c in columns if c in present]
-    return pa.concat_tables([_read_parquet(p, columns) for p in layout.data_files])
+    if not layout.selected:
+        return pa.concat_tables([_read_parquet(p, columns) for p in layout.data_files])
+    import pyarrow.compute as pc
+
+    chosen = pa.array(layout.episodes["episode_index"].astype("int64").to_numpy())
+    reading = None if columns is None else list(dict.fromkeys([*columns, "episode_index"]))
+    tables = []
+    for path in layout.data_files:
+        table = _read_parquet(path, reading)
+        if "episode_index" not in table.column_names:
+            raise LingbotError(f"{path}: column 'episode_index' missing")
+        table = table.filter(pc.is_in(table.column("episode_index"), value_set=chosen))
+        tables.append(table if columns is None else table.select(columns))
+    return pa.concat_tables(tables)
+
+
+def episode_tasks(layout: DatasetLayout) -> dict[int, str]:
+    """Episode index -> its (first) task string; an episode without one is an error naming it."""
+    tasks = {}
+    for ep in layout.episodes.to_dict("records"):
+        listed = list(ep.get("tasks") if ep.get("tasks") is not None else [])
+        if not listed:
+            raise LingbotError(f"{layout.root}: episode {ep['episode_index']} has no task string")
+        tasks[int(ep["episode_index"])] = str(listed[0])
+    return tasks
 
 
 def check_keys(layout: DatasetLayout, keys: list[str]) -> None:

@@ -41,11 +41,12 @@ from lingbot.fsutil import atomic_dir, atomic_file, write_json
 def held_out_episodes(demos: Path, layout, tasks: tuple[str, ...] = (), limit: int = 0) -> list[tuple[int, str]]:
     """(episode index, task) of the split's held-out episodes (`layout`: the ingested dataset's), of
     `tasks` only when given."""
+    from lingbot.data.lerobot_io import episode_tasks
+
     split = Path(demos) / "split.json"
     if not split.is_file():
         raise LingbotError(f"{split}: missing; offline evaluation needs the ingested split (run ingest)")
-    task_of = {int(r["episode_index"]): r["tasks"][0] if isinstance(r["tasks"], (list, np.ndarray)) else r["tasks"]
-               for r in layout.episodes.to_dict("records")}
+    task_of = episode_tasks(layout)
     val = [int(e) for e in json.loads(split.read_text())["val"]]
     known = set(task_of[e] for e in val)
     unknown = [t for t in tasks if t not in known]
