@@ -75,9 +75,9 @@ def cmd_collect(args) -> int:
     if args.camera:
         changes["cameras"] = tuple(args.camera)
     cfg = dataclasses.replace(cfg, **changes)
-    from lingbot.cluster import enabled
+    from lingbot.cluster import active
 
-    report = collect(cfg, Path(args.out), progress=not args.quiet, cluster=run.cluster if enabled(run.cluster) else None)
+    report = collect(cfg, Path(args.out), progress=not args.quiet, cluster=active(run.cluster))
     _write_metrics(args, report)
     _print_json(report)
     return 0
@@ -234,14 +234,13 @@ def cmd_evaluate(args) -> int:
     if cfg.env == "metaworld":
         from lingbot.sim.evaluate import evaluate
 
-        from lingbot.cluster import enabled
+        from lingbot.cluster import active
 
-        cluster = run.cluster if enabled(run.cluster) else None
-        summary = evaluate(policy, cfg, out, progress=not args.quiet, cluster=cluster)
+        summary = evaluate(policy, cfg, out, progress=not args.quiet, cluster=active(run.cluster))
     elif cfg.env == "lerobot":
         from lingbot.sim.lerobot_env import evaluate_lerobot
 
-        summary = evaluate_lerobot(policy, cfg, out, progress=not args.quiet)
+        summary = evaluate_lerobot(policy, cfg, out)
     elif out.exists():  # no simulator: nothing of an earlier rollout may stay beside the new scores
         shutil.rmtree(out)
     if args.demos:

@@ -31,6 +31,11 @@ def enabled(cluster: ClusterConfig) -> bool:
     return bool(cluster.address) or cluster.workers > 0
 
 
+def active(cluster: ClusterConfig) -> ClusterConfig | None:
+    """`cluster` when params set one up, else None (the stages' single-process path)."""
+    return cluster if enabled(cluster) else None
+
+
 def task_runner(cluster: ClusterConfig):
     """prefect-dask's DaskTaskRunner for `cluster`: its scheduler, or a local cluster of processes."""
     from prefect_dask import DaskTaskRunner

@@ -39,7 +39,7 @@ def camera_map(cfg: EvalConfig) -> dict[str, str]:
     return mapping
 
 
-def evaluate_lerobot(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
+def evaluate_lerobot(bundle: Path, cfg: EvalConfig, out: Path) -> dict:
     """Roll `bundle` out in LeRobot env `cfg.lerobot_env` on each of `cfg.tasks`; write `out`, return metrics."""
     from lerobot_policy_lingbot.export import write_lerobot_files
 
