@@ -357,51 +357,70 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
     return result
 
 
-def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int) -> dict:
-    """The plain image BC baseline on the world model's fine-tuning demos and its evaluation seeds.
+def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int, seeds: list[int],
+             targets: list[str], out: Path) -> dict:
+    """Plain image BC against the world model, per target, over chain seeds: the quality table.
 
-    Reads the embedded run's outputs (data/demos, data/latents, reports/eval.json): run `dvc repro`
-    first. The world model's figures in the result are those of reports/eval.json.
+    For each target (the params' evaluation tasks when none is given) and chain seed, the world model's
+    recipe runs through `bench_seeds` (the dvc repro run stands for the params' own seed on its own
+    tasks) and plain BC (`lingbot/baselines/bc.py`, seeded by the chain seed) trains on the same
+    fine-tuning demos; both are scored on the same held-out episodes. Runs are kept under
+    `out/seed-<s>/<target>/` (BC in `bc/`) and not redone. Reads the workspace's data/demos,
+    data/latents and models/vae: run `dvc repro` first.
     """
     from lingbot.baselines.bc import BCConfig, load_bc, load_demos, save_bc, train_bc
-    from lingbot.config import load_run_config
-    from lingbot.sim.evaluate import evaluate
+    from lingbot.config import chain_seeds, load_run_config
+    from lingbot.fsutil import write_json
+    from lingbot.sim.evaluate import evaluate, wilson_interval
+    from lingbot.sim.metaworld import task_description
 
     run_cfg = load_run_config(params)
-    cfg = BCConfig() if steps is None else BCConfig(steps=steps)
-    eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers,
-                                   episodes=episodes or run_cfg.evaluate.episodes)
-    data = load_demos(Path("data/demos"), Path("data/latents"), run_cfg.finetune, cfg.chunk)
-    model, losses, seconds = train_bc(data, cfg, progress=False)
-    with tempfile.TemporaryDirectory(prefix="lingbot-bench-bc-") as tmp:
-        save_bc(model, data, cfg, Path(tmp) / "bc")
-        summary = evaluate(Path(tmp) / "bc", eval_cfg, Path(tmp) / "eval", progress=False, load=load_bc)
-    result = {
-        "bench": "bc",
-        "tasks": ",".join(eval_cfg.tasks),
-        "train_episodes": len(data["episodes"]),
-        "train_samples": len(data["images"]),
-        "steps": cfg.steps,
-        "batch_size": cfg.batch_size,
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_seconds": round(seconds, 1),
-        "final_loss": round(float(np.mean(losses[-50:])), 4),
-        "eval_episodes": summary["episodes"],
-        "eval_seed": eval_cfg.seed,
-        "success_rate": round(summary["success_rate"], 4),
-        "success_ci_low": summary["success_ci_low"],
-        "success_ci_high": summary["success_ci_high"],
-        "mean_episode_length": summary["mean_episode_length"],
-    }
-    world = Path("reports/eval.json")
-    reported = json.loads(world.read_text()) if world.is_file() else {}
-    if all(f"{task}/success_rate" in reported for task in eval_cfg.tasks):  # the same tasks were evaluated
-        n = [reported[f"{task}/episodes"] for task in eval_cfg.tasks]
-        wins = sum(reported[f"{task}/success_rate"] * k for task, k in zip(eval_cfg.tasks, n))
-        result["world_model_success_rate"] = round(wins / sum(n), 4)
-        result["world_model_episodes"] = sum(n)
-    for name, seconds in world_model_train_seconds(run_cfg).items():  # its budget, for comparison
-        result[f"world_model_{name}_seconds"] = round(seconds, 1)
+    own = tuple(run_cfg.evaluate.tasks)
+    result, per_target = {"bench": "bc", "seeds": ",".join(map(str, seeds))}, {}
+    for target in targets or ["-".join(own)]:
+        tasks = own if target == "-".join(own) else (target,)
+        finetune = run_cfg.finetune if tasks == own else dataclasses.replace(
+            run_cfg.finetune, tasks=(task_description(target),))
+        eval_cfg = dataclasses.replace(run_cfg.evaluate, tasks=tasks, videos=0, workers=workers,
+                                       episodes=episodes or run_cfg.evaluate.episodes)
+        with_run = tasks == own and run_cfg.seed in seeds
+        wm = bench_seeds(params, [s for s in seeds if not (with_run and s == run_cfg.seed)], workers, out,
+                         with_run, None if tasks == own else target, episodes=eval_cfg.episodes)
+        data = None
+        bc_rows = []
+        for seed in seeds:
+            path = Path(out) / f"seed-{seed}" / target / "bc" / "result.json"
+            if not path.is_file():
+                seeded = chain_seeds(run_cfg, seed, sections=("finetune",)).finetune.seed
+                cfg = BCConfig(seed=seeded) if steps is None else BCConfig(steps=steps, seed=seeded)
+                data = data or load_demos(Path("data/demos"), Path("data/latents"), finetune, cfg.chunk)
+                model, losses, seconds = train_bc(data, cfg, progress=False)
+                save_bc(model, data, cfg, path.parent / "policy")
+                summary = evaluate(path.parent / "policy", eval_cfg, path.parent / "eval", progress=False, load=load_bc)
+                write_json(path, {"seed": seed, "bc_seed": seeded, "steps": cfg.steps, "batch_size": cfg.batch_size,
+                                  "params": sum(p.numel() for p in model.parameters()),
+                                  "demos": len(data["episodes"]), "train_seconds": round(seconds, 1),
+                                  "final_loss": round(float(np.mean(losses[-50:])), 4),
+                                  "success_rate": summary["success_rate"], "episodes": summary["episodes"]})
+            bc_rows.append(json.loads(path.read_text()))
+        entry = {"demos": bc_rows[0]["demos"], "eval_seed": eval_cfg.seed, "episodes": eval_cfg.episodes}
+        for name, rows in (("wm", wm["per_seed"]), ("bc", bc_rows)):
+            wins = [round(r["success_rate"] * r["episodes"]) for r in rows]
+            rates = np.array([r["success_rate"] for r in rows])
+            low, high = wilson_interval(sum(wins), sum(r["episodes"] for r in rows))
+            entry |= {f"{name}_success": round(float(rates.mean()), 4),
+                      f"{name}_std": round(float(rates.std(ddof=1)), 4) if len(rows) > 1 else None,
+                      f"{name}_wins_per_seed": wins, f"{name}_ci_low": round(low, 4), f"{name}_ci_high": round(high, 4)}
+            seconds = [r["train_seconds"] for r in rows if r.get("train_seconds")]
+            entry[f"{name}_train_seconds"] = round(float(np.mean(seconds)), 1) if seconds else None
+        if entry["wm_train_seconds"] is None:  # the dvc repro run alone: its pretrain + finetune time
+            entry["wm_train_seconds"] = round(sum(world_model_train_seconds(run_cfg).values()), 1) or None
+        per_target[target] = entry
+        for name in ("wm", "bc"):
+            result[f"{target} {name}"] = (f"{entry[f'{name}_success']:.2f} over {len(seeds)} seed(s) "
+                                          f"{entry[f'{name}_wins_per_seed']}, pooled [{entry[f'{name}_ci_low']:.2f}, "
+                                          f"{entry[f'{name}_ci_high']:.2f}]")
+    result["targets"] = per_target
     return result
 
 
@@ -437,7 +456,7 @@ def _same_recipe(checkpoint: Path, model_cfg, train_cfg) -> bool:
 
 
 def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_run: bool,
-                target: str | None = None) -> dict:
+                target: str | None = None, episodes: int | None = None) -> dict:
     """The recipe, not one draw of it: pretrain -> finetune -> bundle -> evaluate once per chain seed.
 
     Each seed derives the seeds of pretrain, finetune and the policy (`chain_seeds`; the params' own
@@ -466,7 +485,8 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
             run_cfg, finetune=dataclasses.replace(run_cfg.finetune, tasks=(task_description(target),)),
             evaluate=dataclasses.replace(run_cfg.evaluate, tasks=(target,)))
     latents, vae = Path("data/latents"), Path("models/vae")
-    eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers)
+    eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers,
+                                   episodes=episodes or run_cfg.evaluate.episodes)
     name = "-".join(eval_cfg.tasks)
     rows = []
     if with_run:
@@ -594,14 +614,16 @@ def run(what: str, args) -> int:
     elif what == "train":
         result = bench_train(args.preset, args.steps or 10)
     elif what == "bc":
-        result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers)
+        result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers,
+                          [int(v) for v in (args.seeds or "0").split(",")],
+                          args.target.split(",") if args.target else [], Path(args.out or "models/seeds"))
     elif what == "realtime":
         result = bench_realtime(args.preset)
     elif what == "peers":
         peers = args.peers.split(",") if args.peers else ["act", "diffusion"]
         result = bench_peers(Path(args.params), peers, args.budget_s, args.workers, Path(args.out or "models/peers"))
     elif what == "seeds":
-        seeds = [int(v) for v in args.seeds.split(",")]
+        seeds = [int(v) for v in (args.seeds or "1,2").split(",")]
         result = bench_seeds(Path(args.params), seeds, args.workers, Path(args.out or "models/seeds"), args.with_run,
                              args.target)
     else:  # argparse restricts the choices; kept for direct callers

@@ -441,22 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
     p.add_argument("what", choices=["data", "latents", "train", "realtime", "bc", "seeds", "peers"],
-                   help="bc: the plain image behaviour-cloning baseline on the embedded run's demos; seeds: "
+                   help="bc: plain image behaviour cloning against the world model, per target and chain seed, on "
+                        "the same demos and held-out episodes (the quality table); seeds: "
                         "the run's training recipe (pretrain..evaluate) on several chain seeds; peers: "
                         "LeRobot's ACT and Diffusion Policy (lerobot-train) on the same demos and budget")
     p.add_argument("--preset", default="small", help="bench train/realtime: model preset")
     p.add_argument("--params", default="params.yaml", help="bench bc/seeds: the run whose data and seeds it uses")
-    p.add_argument("--seeds", default="1,2", help="bench seeds: chain seeds to train (0: the params' own)")
+    p.add_argument("--seeds", help="bench seeds / bc: chain seeds to train (0: the params' own; default 1,2 / 0)")
     p.add_argument("--with-run", dest="with_run", action="store_true",
                    help="bench seeds: add the workspace's run (reports/eval.json) as the chain seed 0 row")
-    p.add_argument("--out", help="bench seeds / peers: their runs, resumed when present "
+    p.add_argument("--out", help="bench seeds / bc / peers: their runs, resumed when present "
                                  "(default models/seeds, models/peers)")
     p.add_argument("--peers", help="bench peers: comma-separated LeRobot policy types (default act,diffusion)")
     p.add_argument("--budget-s", dest="budget_s", type=float,
                    help="bench peers: training seconds per peer (default: the world model's pretrain + finetune)")
-    p.add_argument("--target", help="bench seeds: fine-tune on and evaluate this MetaWorld task instead of the params'")
+    p.add_argument("--target", help="bench seeds: fine-tune on and evaluate this MetaWorld task instead of the params'; "
+                                    "bench bc: comma-separated such targets")
     p.add_argument("--steps", type=int, help="bench train: timed steps (10); bench bc: training steps")
-    p.add_argument("--episodes", type=int, help="episodes per task (data, latents: 4; bc: the params' evaluation)")
+    p.add_argument("--episodes", type=int, help="episodes per task (data, latents: 4; bc, seeds: the params' evaluation)")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_bench)
     return parser

@@ -85,6 +85,24 @@ def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(proje
                 json.loads((project / "reports" / "eval" / "episodes.json").read_text())]
     assert episodes[0] == episodes[1]
 
+    # bench bc: plain BC per chain seed beside the world model's rows (the run for seed 0, the runs above
+    # for seed 1: not trained again), on the same held-out episodes.
+    def bench_bc():
+        proc = subprocess.run([sys.executable, "-m", "lingbot.cli", "bench", "bc", "--seeds", "0,1", "--steps", "3",
+                               "--workers", "1", "--out", str(tmp_path / "seeds")], cwd=project, capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    table = bench_bc()["targets"]["drawer-open-v3"]
+    wins = [round(r["success_rate"] * r["episodes"]) for r in (run, other)]
+    assert table["wm_wins_per_seed"] == wins and len(table["bc_wins_per_seed"]) == 2
+    assert table["episodes"] == run["episodes"] and table["demos"] >= 1
+    for seed in (0, 1):
+        bc = json.loads((tmp_path / "seeds" / f"seed-{seed}" / "drawer-open-v3" / "bc" / "result.json").read_text())
+        assert bc["steps"] == 3 and bc["episodes"] == run["episodes"]
+    assert bench_bc()["targets"]["drawer-open-v3"] == table  # kept runs are read back, not redone
+
 
 def test_repro_runs_caches_and_reruns_only_downstream(project, first_repro):
     first = first_repro[0]
