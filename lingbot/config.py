@@ -138,9 +138,10 @@ class ModelConfig:
     freq_dim: int = 256  # sinusoidal timestep embedding
     window_chunks: int = 0  # attention window in chunks (0: the whole history)
     # The paper's ablations (arXiv 2601.21998, Table 5), both off by default. "bidirectional": the clean
-    # stream attends both ways inside the window (no KV cache: the policy recomputes the window each
-    # chunk). video_prediction False: no imagined video; chunk k's actions are decoded from the real
-    # history and the state alone, and the video loss is off.
+    # history attends both ways inside the window and only the window's last chunk is trained (its
+    # truth unseen by the history; no KV cache: the policy recomputes the window each chunk).
+    # video_prediction False: no imagined video; chunk k's actions are decoded from the real history
+    # and the state alone, and the video loss is off.
     attention: str = "causal"
     video_prediction: bool = True
 

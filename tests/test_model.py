@@ -83,12 +83,31 @@ def ablation_model(**change):
 
 
 @pytest.mark.parametrize("j", [0, 1, 2])
-def test_bidirectional_clean_history_also_reaches_earlier_chunks(j):
-    """The paper's bidirectional ablation: clean tokens see the whole window, so a later clean chunk
-    reaches earlier predictions through the clean tokens they attend to; the noisy rules are unchanged."""
+def test_bidirectional_history_attends_both_ways(j):
+    """The paper's bidirectional ablation: a clean history chunk reaches earlier chunks' predictions
+    through the clean tokens they attend to (causal: only later ones); the noisy rules are unchanged."""
     dv, da = changed_chunks(ablation_model(attention="bidirectional"), inputs(), "clean_video", j)
     assert dv == [k >= 1 for k in range(N)]  # every chunk with an earlier clean block, whichever j moved
     assert da == [True] * N
+
+
+def test_bidirectional_last_chunk_truth_is_unseen_and_alone_trained():
+    """The last chunk's teacher-forced clean video and actions reach no prediction but its own actions
+    (inverse dynamics, as at run time), and the loss is the last chunk's alone: the earlier chunks'
+    predictions had the future in their history, so they are not targets."""
+    model, last = ablation_model(attention="bidirectional"), N - 1
+    dv, da = changed_chunks(model, inputs(), "clean_video", last)
+    assert dv == [False] * N and da == [k == last for k in range(N)]
+    dv, da = changed_chunks(model, inputs(), "clean_action", last)
+    assert dv == da == [False] * N
+    batch = _loss_batch()
+    noise = draw_noise(batch, 16, 3.0, 0.0, torch.Generator().manual_seed(0))
+    moved = dict(noise, eps_video=noise["eps_video"].clone(), eps_action=noise["eps_action"].clone())
+    moved["eps_video"][:, : last], moved["eps_action"][:, : last] = 5.0, 5.0  # only earlier chunks' noise
+    with torch.no_grad():
+        for m, same in ((model, True), (tiny_model(), False)):  # the causal model trains every chunk
+            a, b = flow_matching_loss(m, batch, noise, A), flow_matching_loss(m, batch, moved, A)
+            assert (torch.equal(a["loss"], b["loss"])) is same
 
 
 @pytest.mark.parametrize("j", [0, 1, 2])

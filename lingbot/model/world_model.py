@@ -62,15 +62,21 @@ def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_blocks: int 
 
     Queries are the same tokens as the keys unless `query_block` / `query_clean` name others (the
     incremental step: new tokens against cache + new). The paper's two ablations (ModelConfig):
-    attention "bidirectional": clean tokens attend to every clean token of the window, later ones
-    too (no KV cache is possible: the policy recomputes the window); video_prediction False: noisy
-    actions of chunk k attend to clean blocks before chunk k's video (history and state only, no video k).
+    attention "bidirectional": the clean history, every chunk before the window's last, attends both
+    ways (no KV cache is possible: the policy recomputes the window), while the last chunk's clean
+    tokens, the teacher-forced truth of the one chunk trained (`flow_matching_loss`), stay causal and
+    unseen by the history: were they seen, the history would carry the target's video and actions to
+    the noisy tokens, which nothing carries at run time. video_prediction False: noisy actions of
+    chunk k attend to clean blocks before chunk k's video (history and state only, no video k).
     """
     if query_block is None:
         query_block, query_clean = block, clean
     bq, bk = query_block[:, None], block[None, :]
     cq, ck = query_clean[:, None], clean[None, :]
-    clean_to_clean = torch.ones_like(bk <= bq) if attention == "bidirectional" else bk <= bq
+    clean_to_clean = bk <= bq
+    if attention == "bidirectional":
+        last = 2 * (int(block.max()) // 2)  # the last chunk's video block
+        clean_to_clean = clean_to_clean | ((bk < last) & (bq < last))
     # Actions have odd block ids (2k + 1): without video prediction they skip their own chunk's video (2k).
     earlier = bk < bq - 1 if not video_prediction else bk < bq
     noisy_to_clean = torch.where(bq % 2 == 1, earlier, bk < bq)
@@ -595,8 +601,11 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
     # starting mid-episode would predict a frame from the task text alone; at run time chunk 0 is always
     # the real first observation), and mid-episode its actions would be decoded without the frame they
     # start from. So neither is a target; every later chunk has its full window of history.
-    loss_v = F.mse_loss(pred_v[:, 1:], (nz["eps_video"] - video)[:, 1:])
-    step_mask = torch.cat([torch.zeros_like(step_mask[:, :1]), step_mask[:, 1:]], dim=1)
+    # The bidirectional ablation trains the window's last chunk only: an earlier one's history would
+    # have seen its future through the two-way clean attention (`attention_mask`).
+    first = n - 1 if cfg.attention == "bidirectional" else 1
+    loss_v = F.mse_loss(pred_v[:, first:], (nz["eps_video"] - video)[:, first:])
+    step_mask = torch.cat([torch.zeros_like(step_mask[:, :first]), step_mask[:, first:]], dim=1)
     weight = step_mask.float()[..., None] * channel
     # Divided by every (sample, step, used channel) slot, not by the unmasked count: the mean then splits
     # exactly over micro-batches and processes (gradient accumulation and DDP equal one big batch).
