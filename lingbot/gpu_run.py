@@ -685,13 +685,14 @@ def step_realtime(result: StepResult, args, prepared: dict) -> None:
         except Exception as exc:
             r = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         result.data["variants"][mode] = r
+        ok = {m: v for m, v in result.data["variants"].items() if f"latency_ms_hist{window}" in v}
+        if ok:  # the best so far, saved with each variant: a step stopped at its limit keeps it
+            best = min(ok, key=lambda m: ok[m][f"latency_ms_hist{window}"])
+            result.update(best_mode=best, best_latency_ms=ok[best][f"latency_ms_hist{window}"],
+                          best_latency_ms_half_video=ok[best]["latency_ms_half_video_denoise"])
         result.save()
-    ok = {m: v for m, v in result.data["variants"].items() if f"latency_ms_hist{window}" in v}
-    if not ok:
+    if "best_mode" not in result.data:
         raise RuntimeError("no realtime variant ran")
-    best = min(ok, key=lambda m: ok[m][f"latency_ms_hist{window}"])
-    result.update(best_mode=best, best_latency_ms=ok[best][f"latency_ms_hist{window}"],
-                  best_latency_ms_half_video=ok[best]["latency_ms_half_video_denoise"])
 
 
 def _work_demos(inputs: Path, work: Path, train: list[int], val: list[int]) -> Path:
