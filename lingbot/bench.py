@@ -563,8 +563,11 @@ def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers:
     demos (finetune's episodes) for the world model's training time, rolled out by `evaluate` on its
     held-out seeds; the world model's row is the workspace's run (run `dvc repro` first).
 
-    Each peer's steps come from a calibration: two short `lerobot-train` runs (10 and 40 steps) give
-    the seconds per step without the start-up, and steps = budget / that. A peer already trained
+    Each peer's steps come from a calibration: a 40-step `lerobot-train` run, whose own log gives the
+    seconds per step after the warm-up (its update and data-loading times) and whose wall time less
+    those steps the start-up; steps = (budget - start-up) / seconds per step. (Two short runs' wall
+    times differenced, as before, gave 695k steps when the shorter run was slowed by another process.)
+    A peer already trained
     under `out` is not trained again (a stopped bench resumes).
     """
     from lingbot.baselines.lerobot_peers import load_peer, train_peer
@@ -588,10 +591,10 @@ def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers:
         if not result.is_file():
             if not (work / "model" / "lingbot_peer.json").is_file():
                 with tempfile.TemporaryDirectory(prefix="lingbot-calibrate-") as tmp:
-                    short = [train_peer(kind, Path("data/demos"), episodes, Path(tmp) / str(n), n,
-                                        threads=run_cfg.threads)["train_seconds"] for n in (10, 40)]
-                per_step = max(1e-3, (short[1] - short[0]) / 30)
-                steps = max(10, int((budget - short[0] + 10 * per_step) / per_step))
+                    probe = train_peer(kind, Path("data/demos"), episodes, Path(tmp) / "probe", 40,
+                                       threads=run_cfg.threads)
+                start_up = max(0.0, probe["train_seconds"] - 40 * probe["step_seconds"])
+                steps = max(10, int((budget - start_up) / probe["step_seconds"]))
                 train_peer(kind, Path("data/demos"), episodes, work / "model", steps, threads=run_cfg.threads)
             meta = json.loads((work / "model" / "lingbot_peer.json").read_text())
             summary = evaluate(work / "model", eval_cfg, work / "eval", progress=False, load=load_peer)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,7 +70,8 @@ def train_peer(kind: str, demos: Path, episodes: list[int], out: Path, steps: in
                 f"--dataset.repo_id=local/{dataset.parent.name}", f"--dataset.root={dataset}",
                 f"--dataset.episodes={json.dumps(sorted(episodes))}", f"--policy.type={kind}", *PEER_ARGS[kind],
                 "--policy.push_to_hub=false", "--policy.device=cpu", f"--steps={steps}", f"--batch_size={batch_size}",
-                "--num_workers=0", f"--output_dir={run_dir}", f"--save_freq={steps}", "--log_freq=50",
+                "--num_workers=0", f"--output_dir={run_dir}", f"--save_freq={steps}",
+                f"--log_freq={min(50, max(1, steps // 4))}",
                 "--wandb.enable=false", f"--seed={seed}", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         start = time.perf_counter()
@@ -78,6 +80,10 @@ def train_peer(kind: str, demos: Path, episodes: list[int], out: Path, steps: in
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise LingbotError(f"bench peers: lerobot-train {kind} failed (exit {proc.returncode}):\n{tail}")
+        # LeRobot logs each interval's mean update and data-loading seconds per step; the first
+        # interval holds the warm-up. Their sum is the step time without the process's start-up.
+        logged = [float(u) + float(d) for u, d in re.findall(r"updt_s:([\d.]+).*?data_s:([\d.]+)", proc.stdout + proc.stderr)]
+        step_seconds = float(np.mean(logged[1:] or logged)) if logged else seconds / steps
         model = run_dir / "checkpoints" / "last" / "pretrained_model"
         with atomic_dir(Path(out)) as target:
             shutil.copytree(model, target)
@@ -85,7 +91,8 @@ def train_peer(kind: str, demos: Path, episodes: list[int], out: Path, steps: in
                     "image_size": list(described["shapes"][keys["cameras"][0]][:2]), "fps": described["fps"],
                     "state_key": keys["state"], "state_dim": int(described["shapes"][keys["state"]][0]),
                     "action_dim": int(described["shapes"][keys["action"]][0]), "episodes": sorted(episodes),
-                    "steps": steps, "batch_size": batch_size, "train_seconds": round(seconds, 1)}
+                    "steps": steps, "batch_size": batch_size, "train_seconds": round(seconds, 1),
+                    "step_seconds": round(step_seconds, 4)}
             (target / "lingbot_peer.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
