@@ -25,6 +25,8 @@ from lingbot.config import IngestConfig
 from lingbot.data.lerobot_io import (
     DatasetLayout,
     check_keys,
+    episode_meta_files,
+    episode_rows,
     episode_tasks,
     fingerprint,
     open_layout,
@@ -156,26 +158,23 @@ def write_subset(layout: DatasetLayout, cameras: list[str], dest: Path) -> None:
     """The restricted `layout` as a dataset at `dest`: its episodes' rows of meta/episodes and of the
     data tables, info.json's totals for them, the other meta files and the videos hard-linked."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     root = layout.root
-    chosen = pa.array(layout.episodes["episode_index"].astype("int64").to_numpy())
     for rel in _meta_files(root):
         if rel.startswith(("meta/episodes/", "meta/info.json")):
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         link_or_copy(root / rel, dest / rel)
-    episodes = pa.concat_tables(pq.read_table(p) for p in sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet")))
-    episodes = episodes.filter(pc.is_in(episodes.column("episode_index"), value_set=chosen))
+    episodes = pa.concat_tables(pq.read_table(p) for p in episode_meta_files(root))
     (dest / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
-    pq.write_table(episodes, dest / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+    pq.write_table(episode_rows(episodes, layout, root / "meta" / "episodes"),
+                   dest / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
     info = dict(layout.info, total_episodes=len(layout.episodes), total_frames=int(layout.episodes["length"].sum()))
     write_json(dest / "meta" / "info.json", info)
     for rel in layout.files(cameras):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         if rel.startswith("data/"):
-            table = pq.read_table(root / rel)
-            pq.write_table(table.filter(pc.is_in(table.column("episode_index"), value_set=chosen)), dest / rel)
+            pq.write_table(episode_rows(pq.read_table(root / rel), layout, root / rel), dest / rel)
         else:
             link_or_copy(root / rel, dest / rel)

@@ -133,9 +133,13 @@ class DatasetLayout:
         if missing:
             raise LingbotError(f"{self.root / 'meta' / 'episodes'}: episode {missing[0]} not in the dataset "
                                f"(it has {len(listed)} episodes, {min(listed)}..{max(listed)})")
-        rows = self.episodes[self.episodes["episode_index"].isin(episodes)].reset_index(drop=True)
+        return self.over(self.episodes[self.episodes["episode_index"].isin(episodes)].reset_index(drop=True),
+                         selected=True)
+
+    def over(self, rows, selected: bool = False) -> "DatasetLayout":
+        """This layout with episode table `rows` and the data files (in episode order) that hold them."""
         data_files = list(dict.fromkeys(self.data_path(ep) for ep in rows.to_dict("records")))
-        return dataclasses.replace(self, episodes=rows, data_files=data_files, selected=True)
+        return dataclasses.replace(self, episodes=rows, data_files=data_files, selected=selected)
 
     def files(self, cameras: list[str]) -> list[str]:
         """Relative paths of the data files and of `cameras`' video files that hold this layout's episodes."""
@@ -173,7 +177,7 @@ def read_meta(root: Path) -> DatasetLayout:
     if int(info["total_episodes"]) == 0 or int(info["total_frames"]) == 0:
         raise LingbotError(f"{root}: dataset is empty (0 episodes)")
 
-    episode_files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+    episode_files = episode_meta_files(root)
     if not episode_files:
         raise LingbotError(f"{root / 'meta' / 'episodes'}: no episode metadata parquet files")
     import pyarrow as pa
@@ -199,17 +203,27 @@ def open_layout(root: Path, episodes: list[int] | None = None) -> DatasetLayout:
     """Check a local LeRobot v3 dataset's metadata and data files (those of `episodes` only, when
     given); read its episode and task tables."""
     layout = read_meta(root)
-    if episodes is not None:
-        return _check_data_files(layout.restricted(episodes))
-    data_files = list(dict.fromkeys(layout.data_path(ep) for ep in layout.episodes.to_dict("records")))
-    return _check_data_files(dataclasses.replace(layout, data_files=data_files))
-
-
-def _check_data_files(layout: DatasetLayout) -> DatasetLayout:
+    layout = layout.over(layout.episodes) if episodes is None else layout.restricted(episodes)
     for path in layout.data_files:
         if not path.is_file():
             raise LingbotError(f"{path}: parquet file missing (referenced by meta/episodes)")
     return layout
+
+
+def episode_meta_files(root: Path) -> list[Path]:
+    """meta/episodes' parquet files, in order."""
+    return sorted((Path(root) / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+
+
+def episode_rows(table, layout: DatasetLayout, path: Path):
+    """The rows of pyarrow `table` (read from `path`) that belong to `layout`'s episodes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "episode_index" not in table.column_names:
+        raise LingbotError(f"{path}: column 'episode_index' missing")
+    chosen = pa.array(layout.episodes["episode_index"].astype("int64").to_numpy())
+    return table.filter(pc.is_in(table.column("episode_index"), value_set=chosen))
 
 
 def read_frames(layout: DatasetLayout, columns: list[str] | None = None):
@@ -227,18 +241,9 @@ def read_frames(layout: DatasetLayout, columns: list[str] | None = None):
         columns = [c for c in columns if c in present]
     if not layout.selected:
         return pa.concat_tables([_read_parquet(p, columns) for p in layout.data_files])
-    import pyarrow.compute as pc
-
-    chosen = pa.array(layout.episodes["episode_index"].astype("int64").to_numpy())
     reading = None if columns is None else list(dict.fromkeys([*columns, "episode_index"]))
-    tables = []
-    for path in layout.data_files:
-        table = _read_parquet(path, reading)
-        if "episode_index" not in table.column_names:
-            raise LingbotError(f"{path}: column 'episode_index' missing")
-        table = table.filter(pc.is_in(table.column("episode_index"), value_set=chosen))
-        tables.append(table if columns is None else table.select(columns))
-    return pa.concat_tables(tables)
+    tables = [episode_rows(_read_parquet(path, reading), layout, path) for path in layout.data_files]
+    return pa.concat_tables(tables if columns is None else [t.select(columns) for t in tables])
 
 
 def episode_tasks(layout: DatasetLayout) -> dict[int, str]:
