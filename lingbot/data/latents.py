@@ -10,6 +10,8 @@ Layout of a cache directory::
         "e/actions"      (L, k, A) float32           raw actions realising latent frame j (row 0: zeros)
         "e/action_mask"  (L, k) uint8                1 where an action exists
         "e/state"        (L, S) float32              robot state at the last frame of latent frame j
+    and with `latents.phases` P > 1 the same four for "e@p", p = 1 .. P-1: the episode encoded from dataset
+    frame p on (phase augmentation; the manifest lists each phase's latent frame count)
 
 Alignment (k = 4 * frame_stride actions per latent frame): video frame i is dataset frame
 i * frame_stride. Latent 0 is video frame 0 alone; latent j >= 1 covers video frames 4j-3 .. 4j, and
@@ -65,6 +67,16 @@ def demos_fingerprint(demos: Path) -> str:
     return digest.hexdigest()
 
 
+def sequence_key(episode: int, phase: int = 0) -> str:
+    """The tensor-name prefix of an episode's latent sequence from dataset frame `phase` on."""
+    return f"{episode}" if phase == 0 else f"{episode}@{phase}"
+
+
+def phase_lengths(meta: dict) -> list[int]:
+    """Latent frame count of each phase of a manifest episode entry (one phase: the episode's own)."""
+    return meta.get("phase_latent_frames", [meta["latent_frames"]])
+
+
 def latent_alignment(n_frames: int, frame_stride: int) -> tuple[np.ndarray, int]:
     """(dataset frame index of each video frame fed to the VAE, latent frame count) for an episode."""
     video = np.arange(0, n_frames, frame_stride)
@@ -112,6 +124,9 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
     t0 = time.perf_counter()
     demos, out = Path(demos), Path(out)
     index, count = shard
+    if not 1 <= cfg.phases <= TEMPORAL_GROUP * cfg.frame_stride:
+        raise LingbotError(f"latents.phases {cfg.phases}: must be 1 .. {TEMPORAL_GROUP * cfg.frame_stride} (the "
+                           "dataset frames one latent frame spans at this frame_stride)")
     if not 0 <= index < count:
         raise LingbotError(f"cache_latents: shard {index}/{count} is out of range")
     for path in (demos / "lingbot.json", demos / "split.json", demos / "stats.json"):
@@ -136,11 +151,14 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
         episodes = [e for e in episodes if e in set(only)]
     ep_rows = {int(r["episode_index"]): r for r in layout.episodes.to_dict("records")}
     tasks = info["tasks"]
+    params = dataclasses.asdict(cfg)
+    if cfg.phases == 1:  # caches from before phase augmentation keep their fingerprint
+        del params["phases"]
     fingerprints = {
         "dataset": demos_fingerprint(demos),
         "vae": vae_fingerprint(vae_dir),
         "params": hashlib.sha256(
-            json.dumps({**dataclasses.asdict(cfg), "only": only}, sort_keys=True).encode()
+            json.dumps({**params, "only": only}, sort_keys=True).encode()
         ).hexdigest(),
         "text_encoder": encoder_fingerprint(cfg.text_encoder),
     }
@@ -185,6 +203,9 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
                 "shard": s, "latent_frames": n_latent, "task_index": task_of[ep],
                 "split": "val" if ep in val else "train",
             }
+            if cfg.phases > 1:
+                manifest["episodes"][str(ep)]["phase_latent_frames"] = [
+                    latent_alignment(int(ep_rows[ep]["length"]) - p, cfg.frame_stride)[1] for p in range(cfg.phases)]
     write_json(out / "manifest.json", manifest)
     if not (out / "tasks.safetensors").is_file():
         with atomic_file(out / "tasks.safetensors") as tmp:
@@ -202,24 +223,29 @@ def build_cache(demos: Path, vae_dir: Path, out: Path, cfg: LatentsConfig, shard
         tensors = {}
         for ep in shards[s]:
             n_frames = int(ep_rows[ep]["length"])
-            video_index, n_latent = latent_alignment(n_frames, cfg.frame_stride)
-            per_camera = []
+            clips = []
             for key in keys["cameras"]:
                 ((_, frames, error),) = list(iter_episode_frames(layout, key, [ep]))
                 if error:
                     raise LingbotError(error)
                 if len(frames) != n_frames:
                     raise LingbotError(f"episode {ep}, {key}: video has {len(frames)} frames, parquet {n_frames}")
-                t = time.perf_counter()
-                latents = encode_clip(vae, to_pixels(frames[video_index]))[0]  # (z, L, h, w)
-                encode_s += time.perf_counter() - t
-                frames_encoded += len(video_index)
-                per_camera.append(latents.transpose(0, 1))  # (L, z, h, w)
-            actions, mask, states = align_episode(*arrays[ep], cfg.frame_stride)
-            tensors[f"{ep}/video"] = torch.stack(per_camera, dim=1).contiguous()  # (L, cams, z, h, w)
-            tensors[f"{ep}/actions"] = torch.from_numpy(actions)
-            tensors[f"{ep}/action_mask"] = torch.from_numpy(mask)
-            tensors[f"{ep}/state"] = torch.from_numpy(states)
+                clips.append(frames)
+            for phase in range(cfg.phases):  # phase p: the episode as if recorded from frame p on
+                video_index, _ = latent_alignment(n_frames - phase, cfg.frame_stride)
+                per_camera = []
+                for frames in clips:
+                    t = time.perf_counter()
+                    latents = encode_clip(vae, to_pixels(frames[phase + video_index]))[0]  # (z, L, h, w)
+                    encode_s += time.perf_counter() - t
+                    frames_encoded += len(video_index)
+                    per_camera.append(latents.transpose(0, 1))  # (L, z, h, w)
+                actions, mask, states = align_episode(*(a[phase:] for a in arrays[ep]), cfg.frame_stride)
+                name = sequence_key(ep, phase)
+                tensors[f"{name}/video"] = torch.stack(per_camera, dim=1).contiguous()  # (L, cams, z, h, w)
+                tensors[f"{name}/actions"] = torch.from_numpy(actions)
+                tensors[f"{name}/action_mask"] = torch.from_numpy(mask)
+                tensors[f"{name}/state"] = torch.from_numpy(states)
             bar.update(1)
         with atomic_file(out / manifest["shards"][s]) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
@@ -341,32 +367,36 @@ class LatentWindows(torch.utils.data.Dataset):
             self._handles[shard] = safe_open(str(path), framework="pt")
         return self._handles[shard]
 
-    def window(self, episode: int, start: int, length: int) -> dict:
+    def window(self, episode: int, start: int, length: int, phase: int = 0) -> dict:
         meta = self.manifest["episodes"][str(episode)]
         f = self._shard(meta["shard"])
+        name = sequence_key(episode, phase)
         sl = slice(start, start + length)
         stats = self.manifest["stats"]
         # The state chunk j's actions start from is latent frame j-1's (chunk 0 has no actions: its own),
         # so a window starting at s > 0 reads one row before it.
         first = max(start - 1, 0)
-        states = f.get_slice(f"{episode}/state")[first : start + length]
+        states = f.get_slice(f"{name}/state")[first : start + length]
         rows = torch.clamp(torch.arange(start, start + length) - 1, min=0) - first
         return {
-            "video": f.get_slice(f"{episode}/video")[sl],
-            "actions": normalize(f.get_slice(f"{episode}/actions")[sl], stats["action"]),
-            "action_mask": f.get_slice(f"{episode}/action_mask")[sl].bool(),
+            "video": f.get_slice(f"{name}/video")[sl],
+            "actions": normalize(f.get_slice(f"{name}/actions")[sl], stats["action"]),
+            "action_mask": f.get_slice(f"{name}/action_mask")[sl].bool(),
             "start_state": normalize(states[rows], stats["state"]),
             "task": self.tasks[meta["task_index"]],
             "episode": episode,
             "start": start,
+            "phase": phase,
         }
 
     def __getitem__(self, i: int) -> dict:
         episode = self.episodes[i]
-        n_latent = self.manifest["episodes"][str(episode)]["latent_frames"]
+        lengths = phase_lengths(self.manifest["episodes"][str(episode)])
         rng = np.random.default_rng([self.seed, self.epoch, i])
+        phase = int(rng.integers(0, len(lengths))) if len(lengths) > 1 else 0
+        n_latent = lengths[phase]
         length = int(rng.integers(min(self.min_chunks, n_latent), min(self.max_chunks, n_latent) + 1))
-        return self.window(episode, window_start(rng, n_latent, length, self.episode_start_p), length)
+        return self.window(episode, window_start(rng, n_latent, length, self.episode_start_p), length, phase)
 
 
 def collate_windows(items: list[dict]) -> dict:
@@ -377,4 +407,5 @@ def collate_windows(items: list[dict]) -> dict:
     batch["task"] = torch.stack([item["task"] for item in items])
     batch["episode"] = torch.tensor([item["episode"] for item in items])
     batch["start"] = torch.tensor([item["start"] for item in items])
+    batch["phase"] = torch.tensor([item["phase"] for item in items])
     return batch

@@ -47,17 +47,21 @@ logger = logging.getLogger("lingbot.train")
 
 
 class StepSampler:
-    """The global batch of step s: episodes and one window length drawn from rng(seed, s)."""
+    """The global batch of step s: episodes (and, in a phase-augmented cache, each one's phase) and one
+    window length drawn from rng(seed, s)."""
 
     def __init__(self, data, cfg: TrainConfig, episodes: list[int]):
+        from lingbot.data.latents import phase_lengths
+
         self.data, self.cfg, self.episodes = data, cfg, episodes
-        self.lengths = {e: data.manifest["episodes"][str(e)]["latent_frames"] for e in episodes}
+        self.lengths = {e: phase_lengths(data.manifest["episodes"][str(e)]) for e in episodes}
+        self.phases = len(self.lengths[episodes[0]])
         if cfg.min_chunks < 2:
             raise LingbotError(f"train: min_chunks must be >= 2 (a window's first chunk is context only), got {cfg.min_chunks}")
-        short = [e for e, n in self.lengths.items() if n < 2]
+        short = [e for e, n in self.lengths.items() if min(n) < 2]
         if short:
-            raise LingbotError(f"train: episode {short[0]} has {self.lengths[short[0]]} latent frame(s); a training "
-                               "window needs 2 (raise validate.min_episode_length)")
+            raise LingbotError(f"train: episode {short[0]} has {min(self.lengths[short[0]])} latent frame(s); a "
+                               "training window needs 2 (raise validate.min_episode_length)")
 
     def batch(self, step: int, rows: slice | None = None) -> dict:
         from lingbot.data.latents import collate_windows, window_start
@@ -65,11 +69,13 @@ class StepSampler:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
         chosen = rng.choice(self.episodes, size=cfg.batch_size, replace=len(self.episodes) < cfg.batch_size)
-        shortest = min(self.lengths[e] for e in chosen)
+        phases = rng.integers(0, self.phases, size=len(chosen)) if self.phases > 1 else np.zeros(len(chosen), int)
+        lengths = [self.lengths[e][p] for e, p in zip(chosen, phases)]
+        shortest = min(lengths)
         n = int(rng.integers(min(cfg.min_chunks, shortest), min(cfg.max_chunks, shortest) + 1))
-        starts = [window_start(rng, self.lengths[e], n, cfg.episode_start_p) for e in chosen]
-        items = list(zip(chosen.tolist(), starts))[rows or slice(None)]
-        return collate_windows([self.data.window(e, s, n) for e, s in items])
+        starts = [window_start(rng, length, n, cfg.episode_start_p) for length in lengths]
+        items = list(zip(chosen.tolist(), starts, phases.tolist()))[rows or slice(None)]
+        return collate_windows([self.data.window(e, s, n, p) for e, s, p in items])
 
 
 def select_episodes(manifest: dict, cfg: TrainConfig, split: str = "train") -> list[int]:
