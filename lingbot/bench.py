@@ -372,16 +372,14 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     from lingbot.config import chain_seeds, load_run_config
     from lingbot.fsutil import write_json
     from lingbot.sim.evaluate import evaluate, wilson_interval
-    from lingbot.sim.metaworld import task_description
 
     run_cfg = load_run_config(params)
     own = tuple(run_cfg.evaluate.tasks)
     result, per_target = {"bench": "bc", "seeds": ",".join(map(str, seeds))}, {}
     for target in targets or ["-".join(own)]:
-        tasks = own if target == "-".join(own) else (target,)
-        finetune = run_cfg.finetune if tasks == own else dataclasses.replace(
-            run_cfg.finetune, tasks=(task_description(target),))
-        eval_cfg = dataclasses.replace(run_cfg.evaluate, tasks=tasks, videos=0, workers=workers,
+        target_cfg = retarget(run_cfg, None if target == "-".join(own) else target)
+        tasks, finetune = tuple(target_cfg.evaluate.tasks), target_cfg.finetune
+        eval_cfg = dataclasses.replace(target_cfg.evaluate, videos=0, workers=workers,
                                        episodes=episodes or run_cfg.evaluate.episodes)
         with_run = tasks == own and run_cfg.seed in seeds
         wm = bench_seeds(params, [s for s in seeds if not (with_run and s == run_cfg.seed)], workers, out,
@@ -422,6 +420,23 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
                                           f"{entry[f'{name}_ci_high']:.2f}]")
     result["targets"] = per_target
     return result
+
+
+def retarget(run_cfg, target: str | None):
+    """The run with MetaWorld task `target` as its fine-tuning and evaluation task (None: as it is)."""
+    from lingbot.sim.metaworld import task_description
+
+    if not target or (target,) == tuple(run_cfg.evaluate.tasks):
+        return run_cfg
+    return dataclasses.replace(
+        run_cfg, finetune=dataclasses.replace(run_cfg.finetune, tasks=(task_description(target),)),
+        evaluate=dataclasses.replace(run_cfg.evaluate, tasks=(target,)))
+
+
+def latency_p95(eval_dir: Path) -> float:
+    """95th percentile of the chunk latencies an evaluation recorded (its timings.json), in ms."""
+    rows = json.loads((Path(eval_dir) / "timings.json").read_text())
+    return round(float(np.percentile([x for r in rows for x in r["latency_ms"]], 95)), 2)
 
 
 def world_model_train_seconds(run_cfg) -> dict[str, float]:
@@ -475,15 +490,10 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
     from lingbot.fsutil import write_json
     from lingbot.policy.bundle import write_bundle
     from lingbot.sim.evaluate import evaluate, wilson_interval
-    from lingbot.sim.metaworld import task_description
     from lingbot.train.loop import train
 
-    run_cfg = load_run_config(params)
+    run_cfg = retarget(load_run_config(params), target)
     torch.set_num_threads(run_cfg.threads)
-    if target:
-        run_cfg = dataclasses.replace(
-            run_cfg, finetune=dataclasses.replace(run_cfg.finetune, tasks=(task_description(target),)),
-            evaluate=dataclasses.replace(run_cfg.evaluate, tasks=(target,)))
     latents, vae = Path("data/latents"), Path("models/vae")
     eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers,
                                    episodes=episodes or run_cfg.evaluate.episodes)
@@ -501,18 +511,27 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
         if not result.is_file():
             cfg = chain_seeds(run_cfg, seed, sections=("pretrain", "finetune", "policy"))
             pretrain = work / "pretrain" / "checkpoint"
+            pretrain_s = None
             if seed == run_cfg.seed and _same_recipe(Path("models/pretrain/checkpoint"), cfg.model, cfg.pretrain):
-                pretrain = Path("models/pretrain/checkpoint")
-            t0 = time.perf_counter()
+                pretrain = Path("models/pretrain/checkpoint")  # the dvc repro run's: its own training time
+                pretrain_s = world_model_train_seconds(run_cfg).get("pretrain")
+            pretrain_time = pretrain.parent / "seconds.json"  # a seed's pretraining, shared by its targets
             if not (pretrain / "trainer.json").is_file() or json.loads(
                     (pretrain / "trainer.json").read_text())["step"] < cfg.pretrain.steps:
+                t0 = time.perf_counter()
                 train(cfg.pretrain, cfg.model, latents, pretrain.parent, progress=False)
+                write_json(pretrain_time, {"seconds": round(time.perf_counter() - t0, 1)})
+            if pretrain_s is None and pretrain_time.is_file():
+                pretrain_s = json.loads(pretrain_time.read_text())["seconds"]
+            t0 = time.perf_counter()
             train(cfg.finetune, cfg.model, latents, work / name / "finetune", init_from=pretrain, progress=False)
-            seconds = time.perf_counter() - t0
+            finetune_s = time.perf_counter() - t0
             write_bundle(work / name / "policy", work / name / "finetune" / "checkpoint", vae, latents, cfg.policy)
             summary = evaluate(work / name / "policy", eval_cfg, work / name / "eval", progress=False)
             write_json(result, {"seed": seed, "source": str(work / name), "success_rate": summary["success_rate"],
-                                "episodes": summary["episodes"], "train_seconds": round(seconds, 1),
+                                "episodes": summary["episodes"],
+                                "train_seconds": round(finetune_s + pretrain_s, 1) if pretrain_s else None,
+                                "finetune_seconds": round(finetune_s, 1), "latency_ms": summary["latency_ms_p95"],
                                 "pretrain_seed": cfg.pretrain.seed, "finetune_seed": cfg.finetune.seed})
         rows.append(json.loads(result.read_text()))
     rates = np.array([r["success_rate"] for r in rows])
@@ -558,10 +577,13 @@ def _world_model_row(run_cfg, target: str) -> dict:
             "ci_high": reported[f"{target}/success_ci_high"], "latency_ms": timings.get("latency_ms_p95")}
 
 
-def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers: int, out: Path) -> dict:
+def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers: int, out: Path,
+                target: str | None = None, seeds_out: Path = Path("models/seeds")) -> dict:
     """LeRobot's ACT and Diffusion Policy trained by `lerobot-train` on the target task's training
     demos (finetune's episodes) for the world model's training time, rolled out by `evaluate` on its
-    held-out seeds; the world model's row is the workspace's run (run `dvc repro` first).
+    held-out seeds. The world model's row is the workspace's run (run `dvc repro` first); for another
+    `target`, the same recipe fine-tuned on it by `bench_seeds` at the params' seed (kept in `seeds_out`,
+    shared with bench seeds and bench bc). Peers are kept in `out/<kind>/<target>/`.
 
     Each peer's steps come from a calibration: a 40-step `lerobot-train` run, whose own log gives the
     seconds per step after the warm-up (its update and data-loading times) and whose wall time less
@@ -578,16 +600,25 @@ def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers:
     from lingbot.train.loop import select_episodes
 
     run_cfg = load_run_config(params)
+    own = tuple(run_cfg.evaluate.tasks)
+    run_cfg = retarget(run_cfg, target)
     eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers)
     if len(eval_cfg.tasks) != 1:
         raise ValueError("bench peers: evaluate one task (evaluate.tasks) at a time")
     target = eval_cfg.tasks[0]
     episodes = select_episodes(LatentWindows(Path("data/latents")).manifest, run_cfg.finetune)
-    rows = [_world_model_row(run_cfg, target)]
+    if eval_cfg.tasks == own:
+        rows = [_world_model_row(run_cfg, target)]
+    else:
+        wm = bench_seeds(params, [run_cfg.seed], workers, seeds_out, False, target)["per_seed"][0]
+        low, high = wilson_interval(wm["wins"], wm["episodes"])
+        rows = [{"method": "lingbot world model", "target": target, "demos": len(episodes),
+                 "train_s": wm["train_seconds"], "success": wm["success_rate"], "ci_low": round(low, 4),
+                 "ci_high": round(high, 4), "latency_ms": wm["latency_ms"]}]
     budget = budget_s or rows[0]["train_s"]
     for kind in peers:
-        work = Path(out) / kind
-        result = work / f"{target}.json"
+        work = Path(out) / kind / target
+        result = work / "result.json"
         if not result.is_file():
             if not (work / "model" / "lingbot_peer.json").is_file():
                 with tempfile.TemporaryDirectory(prefix="lingbot-calibrate-") as tmp:
@@ -624,7 +655,8 @@ def run(what: str, args) -> int:
         result = bench_realtime(args.preset)
     elif what == "peers":
         peers = args.peers.split(",") if args.peers else ["act", "diffusion"]
-        result = bench_peers(Path(args.params), peers, args.budget_s, args.workers, Path(args.out or "models/peers"))
+        result = bench_peers(Path(args.params), peers, args.budget_s, args.workers, Path(args.out or "models/peers"),
+                             args.target)
     elif what == "seeds":
         seeds = [int(v) for v in (args.seeds or "1,2").split(",")]
         result = bench_seeds(Path(args.params), seeds, args.workers, Path(args.out or "models/seeds"), args.with_run,

@@ -455,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", help="bench peers: comma-separated LeRobot policy types (default act,diffusion)")
     p.add_argument("--budget-s", dest="budget_s", type=float,
                    help="bench peers: training seconds per peer (default: the world model's pretrain + finetune)")
-    p.add_argument("--target", help="bench seeds: fine-tune on and evaluate this MetaWorld task instead of the params'; "
-                                    "bench bc: comma-separated such targets")
+    p.add_argument("--target", help="bench seeds / peers: fine-tune on and evaluate this MetaWorld task instead of the "
+                                    "params'; bench bc: comma-separated such targets")
     p.add_argument("--steps", type=int, help="bench train: timed steps (10); bench bc: training steps")
     p.add_argument("--episodes", type=int, help="episodes per task (data, latents: 4; bc, seeds: the params' evaluation)")
     p.add_argument("--workers", type=int, default=2)

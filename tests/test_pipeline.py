@@ -81,6 +81,11 @@ def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(proje
     run, again, other = result["per_seed"]
     assert (again["pretrain_seed"], again["finetune_seed"]) == (0, 0)
     assert other["pretrain_seed"] not in (0, again["pretrain_seed"])
+    # Training time is pretrain + finetune: the run's own pretraining for its seed, the one trained here
+    # (kept beside it for the seed's other targets) for seed 1.
+    assert (tmp_path / "seeds" / "seed-1" / "pretrain" / "seconds.json").is_file()
+    for row in (again, other):
+        assert row["train_seconds"] > row["finetune_seconds"] > 0 and row["latency_ms"] > 0
     episodes = [json.loads((tmp_path / "seeds" / "seed-0" / "drawer-open-v3" / "eval" / "episodes.json").read_text()),
                 json.loads((project / "reports" / "eval" / "episodes.json").read_text())]
     assert episodes[0] == episodes[1]
