@@ -99,6 +99,11 @@ class VAEConfig:
     # L1 between the spatial gradients of reconstruction and original (0: off): weighs edges and
     # objects a few pixels wide (a puck, a goal marker), which a per-pixel loss averages away.
     grad_weight: float = 0.0
+    # Reconstruction weight of the pixels that differ from their camera's static background (the
+    # per-pixel median of the training frames): 1 + foreground_weight where a pixel differs by
+    # FOREGROUND_SCALE or more (0: off). The table and walls are the same in every frame and take most
+    # of a plain loss; what a task is about (the arm, a puck, a goal marker, a handle) moves between frames.
+    foreground_weight: float = 0.0
     bf16: bool = True  # bf16 autocast in training (CPU with AVX512-BF16, or GPU)
     seed: int = 0
     eval_episodes: int = 8  # held-out episodes scored for PSNR/SSIM

@@ -110,3 +110,32 @@ def test_gradient_loss_is_zero_only_for_the_same_edges():
     assert gradient_loss(blurred, x).item() > 0.01
     shifted = torch.roll(x, 1, dims=-1)  # the marker one pixel off: same pixel statistics
     assert gradient_loss(shifted, x).item() > 0.0
+
+
+def test_foreground_weights_single_out_what_moves_over_the_static_background():
+    """`vae.foreground_weight`: the background is the per-pixel median of a camera's frames; pixels that
+    differ from it (a small object that moves between episodes) weigh 1 + w, the rest 1."""
+    from lingbot.vae.fit import foreground_weights, static_background
+
+    rng = np.random.default_rng(0)
+    table = rng.integers(60, 120, size=(16, 16, 3), dtype=np.uint8)  # textured, but the same in every frame
+    clips = []
+    for ep in range(5):
+        clip = np.repeat(table[None], 6, axis=0)
+        clip[:, 2 * ep : 2 * ep + 2, 3:5] = (200, 10, 10)  # a 2x2 puck, somewhere else in each episode
+        clips.append(clip)
+    background = static_background(clips, frames=30)
+    np.testing.assert_array_equal(background, table)
+    x = to_pixels(clips[1])  # (1, 3, T, H, W)
+    w = foreground_weights(x, to_pixels(background[None])[:, :, 0], 9.0)
+    assert w.shape == (1, 1, 6, 16, 16)
+    assert torch.all(w[..., 2:4, 3:5] == 10.0)
+    assert torch.all(w[..., :2, :] == 1.0) and torch.all(w[..., 4:, :] == 1.0)
+
+
+def test_fit_vae_with_foreground_weight_trains(ingested, tmp_path, tiny_config):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config.vae, foreground_weight=4.0)
+    report = fit_vae(cfg, ingested, tmp_path / "vae", progress=False)
+    assert report["steps"] == cfg.steps and 0 < report["psnr_db"] < 60

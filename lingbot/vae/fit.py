@@ -79,20 +79,46 @@ def gradient_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-def _sample_batch(clips: list[np.ndarray], cfg: VAEConfig, rng: np.random.Generator) -> torch.Tensor:
-    batch = []
+FOREGROUND_SCALE = 0.2  # pixel difference (in -1..1 units, ~25/255) from the background that counts fully
+
+
+def static_background(clips: list[np.ndarray], frames: int = 256) -> np.ndarray:
+    """(H, W, 3) uint8: the per-pixel median of up to `frames` frames spread over one camera's clips."""
+    offsets = np.cumsum([0] + [len(c) for c in clips])
+    picks = np.unique(np.linspace(0, offsets[-1] - 1, frames).astype(int))
+    clip_of = np.searchsorted(offsets, picks, side="right") - 1
+    sample = np.stack([clips[c][i - offsets[c]] for c, i in zip(clip_of, picks)])
+    return np.median(sample, axis=0).astype(np.uint8)
+
+
+def foreground_weights(x: torch.Tensor, background: torch.Tensor, weight: float) -> torch.Tensor:
+    """(B, 1, T, H, W) loss weights of clips x (B, 3, T, H, W) over their backgrounds (B, 3, H, W):
+    1 on the background, rising to 1 + weight where a pixel differs by FOREGROUND_SCALE or more."""
+    differs = (x - background.unsqueeze(2)).abs().amax(dim=1, keepdim=True)
+    return 1 + weight * (differs / FOREGROUND_SCALE).clamp(max=1)
+
+
+def _sample_batch(clips: list[np.ndarray], cfg: VAEConfig, rng: np.random.Generator) -> tuple[torch.Tensor, list[int]]:
+    batch, picked = [], []
     for _ in range(cfg.batch_size):
-        clip = clips[rng.integers(len(clips))]
+        picked.append(int(rng.integers(len(clips))))
+        clip = clips[picked[-1]]
         start = rng.integers(0, len(clip) - cfg.clip_frames + 1)
         batch.append(clip[start : start + cfg.clip_frames])
-    return to_pixels(np.stack(batch))
+    return to_pixels(np.stack(batch)), picked
 
 
-def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True) -> list[dict]:
-    """Reconstruction (MSE + L1, + image-gradient L1 if `grad_weight`) + KL on random clips; AdamW with
-    cosine decay. Returns the loss log."""
+def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True,
+          backgrounds: list[np.ndarray] | None = None) -> list[dict]:
+    """Reconstruction (MSE + L1, + image-gradient L1 if `grad_weight`, foreground pixels weighted by
+    `foreground_weight` over `backgrounds`, one per clip) + KL on random clips; AdamW with cosine decay.
+    Returns the loss log."""
     from lingbot.progress import progress_bar
 
+    if cfg.foreground_weight and (backgrounds is None or len(backgrounds) != len(clips)):
+        raise ValueError("fit_vae: foreground_weight needs one background per clip")
+    if backgrounds is not None:
+        backgrounds = [b for b, c in zip(backgrounds, clips) if len(c) >= cfg.clip_frames]
     clips = [c for c in clips if len(c) >= cfg.clip_frames]
     if not clips:
         raise LingbotError(f"fit_vae: no training episode has {cfg.clip_frames} frames")
@@ -110,11 +136,18 @@ def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True) -
     log = []
     bar = progress_bar(progress, iterable=range(cfg.steps), desc="fit_vae")
     for step in bar:
-        x = _sample_batch(clips, cfg, rng).to(device)
+        x, picked = _sample_batch(clips, cfg, rng)
+        x = x.to(device)
         with autocast:
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample.float()
-        rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        if cfg.foreground_weight:
+            background = to_pixels(np.stack([backgrounds[i] for i in picked])[:, None])[:, :, 0].to(device)
+            w = foreground_weights(x, background, cfg.foreground_weight)
+            err = recon - x
+            rec = ((w * err**2).mean() + 0.5 * (w * err.abs()).mean()) / w.mean()
+        else:
+            rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         if cfg.grad_weight:
             rec = rec + cfg.grad_weight * gradient_loss(recon, x)
         kl = posterior.kl().float().mean() / x[0].numel()
@@ -183,7 +216,11 @@ def fit_vae(cfg: VAEConfig, demos: Path, out: Path, grid_png: Path | None = None
     manifest, split, layout = read_demos(demos)
     cameras = manifest["keys"]["cameras"]
     val = split["val"][: cfg.eval_episodes] or split["train"][: cfg.eval_episodes]
-    train_clips = load_frames(layout, cameras, split["train"])
+    per_camera = [load_frames(layout, [camera], split["train"]) for camera in cameras]
+    train_clips = [clip for clips in per_camera for clip in clips]
+    backgrounds = None
+    if cfg.foreground_weight:
+        backgrounds = [b for clips in per_camera for b in [static_background(clips)] * len(clips)]
     val_clips = load_frames(layout, cameras, val)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.pretrained:
@@ -191,7 +228,7 @@ def fit_vae(cfg: VAEConfig, demos: Path, out: Path, grid_png: Path | None = None
         log = []
     else:
         vae = build_vae(cfg).to(device)
-        log = train(vae, train_clips, cfg, progress)
+        log = train(vae, train_clips, cfg, progress, backgrounds)
     metrics, originals, recons = evaluate(vae, val_clips)
     # A spread sample of training clips pins the per-channel statistics well; all of them costs minutes.
     mean, std = measure_latent_stats(vae, train_clips[:: max(1, len(train_clips) // STATS_CLIPS)])
