@@ -616,6 +616,11 @@ def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers:
                  "train_s": wm["train_seconds"], "success": wm["success_rate"], "ci_low": round(low, 4),
                  "ci_high": round(high, 4), "latency_ms": wm["latency_ms"]}]
     budget = budget_s or rows[0]["train_s"]
+    if not budget:
+        from lingbot.errors import LingbotError
+
+        raise LingbotError(f"bench peers: the world model's training time on {target} is not known (its "
+                           "pretraining was not timed here); pass --budget-s")
     for kind in peers:
         work = Path(out) / kind / target
         result = work / "result.json"
