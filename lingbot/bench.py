@@ -530,7 +530,7 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
             summary = evaluate(work / name / "policy", eval_cfg, work / name / "eval", progress=False)
             write_json(result, {"seed": seed, "source": str(work / name), "success_rate": summary["success_rate"],
                                 "episodes": summary["episodes"],
-                                "train_seconds": round(finetune_s + pretrain_s, 1) if pretrain_s else None,
+                                "train_seconds": round(finetune_s + pretrain_s, 1) if pretrain_s is not None else None,
                                 "finetune_seconds": round(finetune_s, 1), "latency_ms": summary["latency_ms_p95"],
                                 "pretrain_seed": cfg.pretrain.seed, "finetune_seed": cfg.finetune.seed})
         rows.append(json.loads(result.read_text()))

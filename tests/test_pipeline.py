@@ -67,7 +67,8 @@ def test_the_tiny_chain_is_byte_identical_from_scratch(project, first_repro, tmp
     assert [{k: s[k] for k in outcome} for s in scores] == [{k: scores[0][k] for k in outcome}] * 2
 
 
-def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(project, first_repro, tmp_path):
+def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(project, first_repro, tmp_path,
+                                                                           monkeypatch):
     import json
     import sys
 
@@ -83,9 +84,15 @@ def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(proje
     assert other["pretrain_seed"] not in (0, again["pretrain_seed"])
     # Training time is pretrain + finetune: the run's own pretraining for its seed, the one trained here
     # (kept beside it for the seed's other targets) for seed 1.
-    assert (tmp_path / "seeds" / "seed-1" / "pretrain" / "seconds.json").is_file()
-    for row in (again, other):
-        assert row["train_seconds"] > row["finetune_seconds"] > 0 and row["latency_ms"] > 0
+    timed = json.loads((tmp_path / "seeds" / "seed-1" / "pretrain" / "seconds.json").read_text())["seconds"]
+    from lingbot.bench import world_model_train_seconds
+    from lingbot.config import load_run_config
+
+    monkeypatch.chdir(project)  # the run's reports/
+    run_pretrain = world_model_train_seconds(load_run_config(project / "params.yaml"))["pretrain"]
+    for row, pretrain_s in ((again, run_pretrain), (other, timed)):
+        assert row["finetune_seconds"] > 0 and row["latency_ms"] > 0
+        assert abs(row["train_seconds"] - row["finetune_seconds"] - pretrain_s) <= 0.11
     episodes = [json.loads((tmp_path / "seeds" / "seed-0" / "drawer-open-v3" / "eval" / "episodes.json").read_text()),
                 json.loads((project / "reports" / "eval" / "episodes.json").read_text())]
     assert episodes[0] == episodes[1]
