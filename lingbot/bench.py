@@ -433,12 +433,6 @@ def retarget(run_cfg, target: str | None):
         evaluate=dataclasses.replace(run_cfg.evaluate, tasks=(target,)))
 
 
-def latency_p95(eval_dir: Path) -> float:
-    """95th percentile of the chunk latencies an evaluation recorded (its timings.json), in ms."""
-    rows = json.loads((Path(eval_dir) / "timings.json").read_text())
-    return round(float(np.percentile([x for r in rows for x in r["latency_ms"]], 95)), 2)
-
-
 def world_model_train_seconds(run_cfg) -> dict[str, float]:
     """{stage: seconds} of the workspace run's pretrain and finetune (steps x batch / samples per s, from
     reports/<stage>.json and its timings); a stage without both files is left out."""
