@@ -358,15 +358,15 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
 
 
 def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int, seeds: list[int],
-             targets: list[str], out: Path) -> dict:
+             targets: list[str], out: Path, demos: int | None = None) -> dict:
     """Plain image BC against the world model, per target, over chain seeds: the quality table.
 
     For each target (the params' evaluation tasks when none is given) and chain seed, the world model's
     recipe runs through `bench_seeds` (the dvc repro run stands for the params' own seed on its own
     tasks) and plain BC (`lingbot/baselines/bc.py`, seeded by the chain seed) trains on the same
-    fine-tuning demos; both are scored on the same held-out episodes. Runs are kept under
-    `out/seed-<s>/<target>/` (BC in `bc/`) and not redone. Reads the workspace's data/demos,
-    data/latents and models/vae: run `dvc repro` first.
+    fine-tuning demos (the first `demos` of them when set); both are scored on the same held-out
+    episodes. Runs are kept under `out/seed-<s>/<run_name>/` (BC in `bc/`) and not redone. Reads the
+    workspace's data/demos, data/latents and models/vae: run `dvc repro` first.
     """
     from lingbot.baselines.bc import BCConfig, load_bc, load_demos, save_bc, train_bc
     from lingbot.config import chain_seeds, load_run_config
@@ -377,17 +377,18 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     own = tuple(run_cfg.evaluate.tasks)
     result, per_target = {"bench": "bc", "seeds": ",".join(map(str, seeds))}, {}
     for target in targets or ["-".join(own)]:
-        target_cfg = retarget(run_cfg, None if target == "-".join(own) else target)
+        target_cfg = retarget(run_cfg, None if target == "-".join(own) else target, demos)
         tasks, finetune = tuple(target_cfg.evaluate.tasks), target_cfg.finetune
+        key = run_name(tasks, demos)
         eval_cfg = dataclasses.replace(target_cfg.evaluate, videos=0, workers=workers,
                                        episodes=episodes or run_cfg.evaluate.episodes)
-        with_run = tasks == own and run_cfg.seed in seeds
+        with_run = tasks == own and run_cfg.seed in seeds and demos is None
         wm = bench_seeds(params, [s for s in seeds if not (with_run and s == run_cfg.seed)], workers, out,
-                         with_run, None if tasks == own else target, episodes=eval_cfg.episodes)
+                         with_run, None if tasks == own else target, episodes=eval_cfg.episodes, demos=demos)
         data = None
         bc_rows = []
         for seed in seeds:
-            path = Path(out) / f"seed-{seed}" / target / "bc" / "result.json"
+            path = Path(out) / f"seed-{seed}" / key / "bc" / "result.json"
             if not path.is_file():
                 seeded = chain_seeds(run_cfg, seed, sections=("finetune",)).finetune.seed
                 cfg = BCConfig(seed=seeded) if steps is None else BCConfig(steps=steps, seed=seeded)
@@ -413,24 +414,38 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
             entry[f"{name}_train_seconds"] = round(float(np.mean(seconds)), 1) if seconds else None
         if entry["wm_train_seconds"] is None:  # the dvc repro run alone: its pretrain + finetune time
             entry["wm_train_seconds"] = round(sum(world_model_train_seconds(run_cfg).values()), 1) or None
-        per_target[target] = entry
+        per_target[key] = entry
         for name in ("wm", "bc"):
-            result[f"{target} {name}"] = (f"{entry[f'{name}_success']:.2f} over {len(seeds)} seed(s) "
-                                          f"{entry[f'{name}_wins_per_seed']}, pooled [{entry[f'{name}_ci_low']:.2f}, "
-                                          f"{entry[f'{name}_ci_high']:.2f}]")
+            result[f"{key} {name}"] = (f"{entry[f'{name}_success']:.2f} over {len(seeds)} seed(s) "
+                                       f"{entry[f'{name}_wins_per_seed']}, pooled [{entry[f'{name}_ci_low']:.2f}, "
+                                       f"{entry[f'{name}_ci_high']:.2f}]")
     result["targets"] = per_target
     return result
 
 
-def retarget(run_cfg, target: str | None):
-    """The run with MetaWorld task `target` as its fine-tuning and evaluation task (None: as it is)."""
+def retarget(run_cfg, target: str | None, demos: int | None = None):
+    """The run with MetaWorld task `target` as its fine-tuning and evaluation task (None: as it is),
+    fine-tuned on its first `demos` training episodes (None: finetune.max_episodes_per_task as it is)."""
     from lingbot.sim.metaworld import task_description
 
+    if demos is not None:
+        if demos < 1:
+            from lingbot.errors import LingbotError
+
+            raise LingbotError(f"--demos {demos}: fine-tune on at least 1 demo")
+        run_cfg = dataclasses.replace(run_cfg, finetune=dataclasses.replace(run_cfg.finetune,
+                                                                            max_episodes_per_task=demos))
     if not target or (target,) == tuple(run_cfg.evaluate.tasks):
         return run_cfg
     return dataclasses.replace(
         run_cfg, finetune=dataclasses.replace(run_cfg.finetune, tasks=(task_description(target),)),
         evaluate=dataclasses.replace(run_cfg.evaluate, tasks=(target,)))
+
+
+def run_name(tasks, demos: int | None) -> str:
+    """A benchmark run's directory under its seed: the evaluated tasks, and the demo count when set
+    (`push-v3`, `push-v3-10demos`), so a few-demo run never reads back a run on all the demos."""
+    return "-".join(tasks) + (f"-{demos}demos" if demos is not None else "")
 
 
 def world_model_train_seconds(run_cfg) -> dict[str, float]:
@@ -465,17 +480,18 @@ def _same_recipe(checkpoint: Path, model_cfg, train_cfg) -> bool:
 
 
 def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_run: bool,
-                target: str | None = None, episodes: int | None = None) -> dict:
+                target: str | None = None, episodes: int | None = None, demos: int | None = None) -> dict:
     """The recipe, not one draw of it: pretrain -> finetune -> bundle -> evaluate once per chain seed.
 
     Each seed derives the seeds of pretrain, finetune and the policy (`chain_seeds`; the params' own
     seed is the `dvc repro` run, whose models/pretrain is then reused: same seed, same bytes) and
     trains on the workspace's data/latents and models/vae (run `dvc repro` first); every seed is scored
     on the same held-out evaluation episodes. `target`: fine-tune on and evaluate this MetaWorld task
-    instead of the params' (from the same pretraining). A seed's pretraining goes to
-    `out/seed-<s>/pretrain`, each target's run to `out/seed-<s>/<target>/`; finished parts are not run
-    again (a stopped bench resumes). `with_run`: add the workspace's own evaluation (reports/eval.json)
-    as the row of the run's seed.
+    instead of the params' (from the same pretraining); `demos`: fine-tune on its first `demos` training
+    episodes. A seed's pretraining goes to `out/seed-<s>/pretrain`, each run to
+    `out/seed-<s>/<run_name>/`; finished parts are not run again (a stopped bench resumes), and a
+    finished run of another recipe there (other params) is an error, not a result. `with_run`: add
+    the workspace's own evaluation (reports/eval.json) as the row of the run's seed.
     """
     import torch
 
@@ -486,12 +502,15 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
     from lingbot.sim.evaluate import evaluate, wilson_interval
     from lingbot.train.loop import train
 
-    run_cfg = retarget(load_run_config(params), target)
+    run_cfg = retarget(load_run_config(params), target, demos)
+    if with_run and demos is not None:
+        raise LingbotError("bench seeds: --with-run adds the workspace's run, fine-tuned on all its demos; "
+                           "drop --with-run or --demos")
     torch.set_num_threads(run_cfg.threads)
     latents, vae = Path("data/latents"), Path("models/vae")
     eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers,
                                    episodes=episodes or run_cfg.evaluate.episodes)
-    name = "-".join(eval_cfg.tasks)
+    name = run_name(eval_cfg.tasks, demos)
     rows = []
     if with_run:
         reported = json.loads(Path("reports/eval.json").read_text())
@@ -502,8 +521,11 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
     for seed in seeds:
         work = Path(out) / f"seed-{seed}"
         result = work / name / "result.json"
+        cfg = chain_seeds(run_cfg, seed, sections=("pretrain", "finetune", "policy"))
+        if result.is_file() and not _same_recipe(work / name / "finetune" / "checkpoint", cfg.model, cfg.finetune):
+            raise LingbotError(f"{result.parent}: fine-tuned by another recipe than {params}'s (model or finetune "
+                               "differ); pass another --out")
         if not result.is_file():
-            cfg = chain_seeds(run_cfg, seed, sections=("pretrain", "finetune", "policy"))
             pretrain = work / "pretrain" / "checkpoint"
             pretrain_s = None
             if seed == run_cfg.seed and _same_recipe(Path("models/pretrain/checkpoint"), cfg.model, cfg.pretrain):
@@ -572,12 +594,13 @@ def _world_model_row(run_cfg, target: str) -> dict:
 
 
 def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers: int, out: Path,
-                target: str | None = None, seeds_out: Path = Path("models/seeds")) -> dict:
+                target: str | None = None, seeds_out: Path = Path("models/seeds"), demos: int | None = None) -> dict:
     """LeRobot's ACT and Diffusion Policy trained by `lerobot-train` on the target task's training
-    demos (finetune's episodes) for the world model's training time, rolled out by `evaluate` on its
-    held-out seeds. The world model's row is the workspace's run (run `dvc repro` first); for another
-    `target`, the same recipe fine-tuned on it by `bench_seeds` at the params' seed (kept in `seeds_out`,
-    shared with bench seeds and bench bc). Peers are kept in `out/<kind>/<target>/`.
+    demos (finetune's episodes, the first `demos` of them when set) for the world model's training
+    time, rolled out by `evaluate` on its held-out seeds. The world model's row is the workspace's run
+    (run `dvc repro` first) when it is this recipe; otherwise (another `target`, `demos` or model) the
+    recipe fine-tuned by `bench_seeds` at the params' seed (kept in `seeds_out`, shared with bench
+    seeds and bench bc). Peers are kept in `out/<kind>/<run_name>/`.
 
     Each peer's steps come from a calibration: a 40-step `lerobot-train` run, whose own log gives the
     seconds per step after the warm-up (its update and data-loading times) and whose wall time less
@@ -595,16 +618,17 @@ def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers:
 
     run_cfg = load_run_config(params)
     own = tuple(run_cfg.evaluate.tasks)
-    run_cfg = retarget(run_cfg, target)
+    run_cfg = retarget(run_cfg, target, demos)
     eval_cfg = dataclasses.replace(run_cfg.evaluate, videos=0, workers=workers)
     if len(eval_cfg.tasks) != 1:
         raise ValueError("bench peers: evaluate one task (evaluate.tasks) at a time")
-    target = eval_cfg.tasks[0]
+    target, name = eval_cfg.tasks[0], run_name(eval_cfg.tasks, demos)
     episodes = select_episodes(LatentWindows(Path("data/latents")).manifest, run_cfg.finetune)
-    if eval_cfg.tasks == own:
+    if eval_cfg.tasks == own and _same_recipe(Path("models/finetune/checkpoint"), run_cfg.model, run_cfg.finetune):
         rows = [_world_model_row(run_cfg, target)]
     else:
-        wm = bench_seeds(params, [run_cfg.seed], workers, seeds_out, False, target)["per_seed"][0]
+        wm = bench_seeds(params, [run_cfg.seed], workers, seeds_out, False, None if eval_cfg.tasks == own else target,
+                         demos=demos)["per_seed"][0]
         low, high = wilson_interval(wm["wins"], wm["episodes"])
         rows = [{"method": "lingbot world model", "target": target, "demos": len(episodes),
                  "train_s": wm["train_seconds"], "success": wm["success_rate"], "ci_low": round(low, 4),
@@ -616,17 +640,22 @@ def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers:
         raise LingbotError(f"bench peers: the world model's training time on {target} is not known (its "
                            "pretraining was not timed here); pass --budget-s")
     for kind in peers:
-        work = Path(out) / kind / target
+        work = Path(out) / kind / name
         result = work / "result.json"
+        trained = work / "model" / "lingbot_peer.json"
+        if trained.is_file() and json.loads(trained.read_text())["episodes"] != sorted(episodes):
+            from lingbot.errors import LingbotError
+
+            raise LingbotError(f"{work}: trained on other episodes than {params}'s {target} demos; pass another --out")
         if not result.is_file():
-            if not (work / "model" / "lingbot_peer.json").is_file():
+            if not trained.is_file():
                 with tempfile.TemporaryDirectory(prefix="lingbot-calibrate-") as tmp:
                     probe = train_peer(kind, Path("data/demos"), episodes, Path(tmp) / "probe", 40,
                                        threads=run_cfg.threads)
                 start_up = max(0.0, probe["train_seconds"] - 40 * probe["step_seconds"])
                 steps = max(10, int((budget - start_up) / probe["step_seconds"]))
                 train_peer(kind, Path("data/demos"), episodes, work / "model", steps, threads=run_cfg.threads)
-            meta = json.loads((work / "model" / "lingbot_peer.json").read_text())
+            meta = json.loads(trained.read_text())
             summary = evaluate(work / "model", eval_cfg, work / "eval", progress=False, load=load_peer)
             low, high = wilson_interval(round(summary["success_rate"] * summary["episodes"]), summary["episodes"])
             write_json(result, {"method": f"LeRobot {kind}", "target": target, "demos": len(episodes),
@@ -649,17 +678,17 @@ def run(what: str, args) -> int:
     elif what == "bc":
         result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers,
                           [int(v) for v in (args.seeds or "0").split(",")],
-                          args.target.split(",") if args.target else [], Path(args.out or "models/seeds"))
+                          args.target.split(",") if args.target else [], Path(args.out or "models/seeds"), args.demos)
     elif what == "realtime":
         result = bench_realtime(args.preset)
     elif what == "peers":
         peers = args.peers.split(",") if args.peers else ["act", "diffusion"]
         result = bench_peers(Path(args.params), peers, args.budget_s, args.workers, Path(args.out or "models/peers"),
-                             args.target)
+                             args.target, demos=args.demos)
     elif what == "seeds":
         seeds = [int(v) for v in (args.seeds or "1,2").split(",")]
         result = bench_seeds(Path(args.params), seeds, args.workers, Path(args.out or "models/seeds"), args.with_run,
-                             args.target)
+                             args.target, demos=args.demos)
     else:  # argparse restricts the choices; kept for direct callers
         raise ValueError(f"unknown benchmark {what!r}")
     print(_table([(k, v) for k, v in result.items() if not isinstance(v, (list, dict))]))

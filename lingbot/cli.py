@@ -457,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench peers: training seconds per peer (default: the world model's pretrain + finetune)")
     p.add_argument("--target", help="bench seeds / peers: fine-tune on and evaluate this MetaWorld task instead of the "
                                     "params'; bench bc: comma-separated such targets")
+    p.add_argument("--demos", type=int, help="bench seeds / bc / peers: fine-tune on the target's first N training "
+                                            "demos (default: the params' finetune.max_episodes_per_task)")
     p.add_argument("--steps", type=int, help="bench train: timed steps (10); bench bc: training steps")
     p.add_argument("--episodes", type=int, help="episodes per task (data, latents: 4; bc, seeds: the params' evaluation)")
     p.add_argument("--workers", type=int, default=2)

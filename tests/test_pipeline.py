@@ -115,6 +115,30 @@ def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(proje
         assert bc["steps"] == 3 and bc["episodes"] == run["episodes"]
     assert bench_bc()["targets"]["drawer-open-v3"] == table  # kept runs are read back, not redone
 
+    # --demos: a few-demo run beside the run on all the demos, from the same pretraining (not trained
+    # again); and a kept run of another recipe is an error, never read back as this one's result.
+    pretrain_time = (tmp_path / "seeds" / "seed-1" / "pretrain" / "seconds.json").stat().st_mtime_ns
+
+    def bench_seeds(*args, params="params.yaml"):
+        return subprocess.run([sys.executable, "-m", "lingbot.cli", "bench", "seeds", "--seeds", "1", "--workers", "1",
+                               "--params", params, "--out", str(tmp_path / "seeds"), *args], cwd=project,
+                              capture_output=True, text=True)
+
+    proc = bench_seeds("--demos", "2")
+    assert proc.returncode == 0, proc.stderr
+    few = tmp_path / "seeds" / "seed-1" / "drawer-open-v3-2demos"
+    trained = json.loads((few / "finetune" / "checkpoint" / "config.json").read_text())["train"]
+    assert trained["max_episodes_per_task"] == 2
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["per_seed"][0]["source"] == str(few)
+    assert (tmp_path / "seeds" / "seed-1" / "pretrain" / "seconds.json").stat().st_mtime_ns == pretrain_time
+    other = yaml.safe_load((project / "params.yaml").read_text())
+    other["finetune"]["steps"] += 1
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    proc = bench_seeds(params=str(tmp_path / "other.yaml"))
+    assert proc.returncode != 0 and "fine-tuned by another recipe" in proc.stderr.strip().splitlines()[-1]
+    proc = bench_seeds("--demos", "0")
+    assert proc.returncode != 0 and "--demos 0: fine-tune on at least 1 demo" in proc.stderr
+
 
 def test_repro_runs_caches_and_reruns_only_downstream(project, first_repro):
     first = first_repro[0]
