@@ -602,7 +602,7 @@ def step_train(result: StepResult, args, prepared: dict) -> None:
     measured matmul peak of the same dtype."""
     import torch
 
-    from lingbot.bench import train_throughput
+    from lingbot.bench.speed import train_throughput
     from lingbot.config import preset
 
     cuda = torch.cuda.is_available() and not args.cpu
@@ -634,7 +634,7 @@ def step_realtime(result: StepResult, args, prepared: dict) -> None:
     """The paper preset's chunk latency at LIBERO-like shapes on CUDA (tiny shapes on a CPU)."""
     import torch
 
-    from lingbot.bench import chunk_latency
+    from lingbot.bench.speed import chunk_latency
     from lingbot.config import preset
     from lingbot.model.world_model import WorldModel, compile_experts, count_parameters
 

@@ -85,7 +85,7 @@ def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(proje
     # Training time is pretrain + finetune: the run's own pretraining for its seed, the one trained here
     # (kept beside it for the seed's other targets) for seed 1.
     timed = json.loads((tmp_path / "seeds" / "seed-1" / "pretrain" / "seconds.json").read_text())["seconds"]
-    from lingbot.bench import world_model_train_seconds
+    from lingbot.bench.quality import world_model_train_seconds
     from lingbot.config import load_run_config
 
     monkeypatch.chdir(project)  # the run's reports/

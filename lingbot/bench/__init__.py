@@ -1,0 +1,45 @@
+"""Benchmarks: `lingbot bench WHAT` prints a table, then one JSON object as its last line.
+
+`speed`: data, latents, train, realtime. `quality`: bc, seeds, peers (on a `dvc repro` run's data).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lingbot.bench.quality import bench_bc, bench_peers, bench_seeds
+from lingbot.bench.speed import bench_data, bench_latents, bench_realtime, bench_train
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run(what: str, args) -> int:
+    if what == "data":
+        result = bench_data(args.episodes or 4, args.workers)
+    elif what == "latents":
+        result = bench_latents(args.episodes or 4, args.workers)
+    elif what == "train":
+        result = bench_train(args.preset, args.steps or 10)
+    elif what == "bc":
+        result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers,
+                          [int(v) for v in (args.seeds or "0").split(",")],
+                          args.target.split(",") if args.target else [], Path(args.out or "models/seeds"), args.demos)
+    elif what == "realtime":
+        result = bench_realtime(args.preset)
+    elif what == "peers":
+        peers = args.peers.split(",") if args.peers else ["act", "diffusion"]
+        result = bench_peers(Path(args.params), peers, args.budget_s, args.workers, Path(args.out or "models/peers"),
+                             args.target, demos=args.demos)
+    elif what == "seeds":
+        seeds = [int(v) for v in (args.seeds or "1,2").split(",")]
+        result = bench_seeds(Path(args.params), seeds, args.workers, Path(args.out or "models/seeds"), args.with_run,
+                             args.target, demos=args.demos)
+    else:  # argparse restricts the choices; kept for direct callers
+        raise ValueError(f"unknown benchmark {what!r}")
+    print(_table([(k, v) for k, v in result.items() if not isinstance(v, (list, dict))]))
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,348 @@
+"""Speed benchmarks: data collection, latent caching, training throughput, real-time chunk latency."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+
+def bench_data(episodes: int, workers: int) -> dict:
+    """collect -> ingest -> validate on the default tasks and cameras, `episodes` per task."""
+    from lingbot.config import preset
+    from lingbot.data.collect import collect
+    from lingbot.data.ingest import ingest
+    from lingbot.data.validate import validate
+
+    cfg = preset("small")
+    collect_cfg = dataclasses.replace(cfg.collect, episodes=episodes, workers=workers)
+    with tempfile.TemporaryDirectory(prefix="lingbot-bench-") as tmp:
+        tmp = Path(tmp)
+        collected = collect(collect_cfg, tmp / "collected", progress=False)
+        ingested = ingest(dataclasses.replace(cfg.ingest, source=str(tmp / "collected")), tmp / "demos")
+        validated = validate(tmp / "demos", cfg.validate)
+    if not validated["success"]:
+        raise RuntimeError("bench data: the collected dataset failed validation: " + validated["failures_text"][0])
+    return {
+        "bench": "data",
+        "tasks": len(collect_cfg.tasks),
+        "episodes": collected["episodes"],
+        "frames": collected["frames"],
+        "cameras": len(collect_cfg.cameras),
+        "image_size": collect_cfg.image_size,
+        "workers": workers,
+        "collect_seconds": collected["seconds"],
+        "collect_frames_per_s": collected["collect_frames_per_s"],
+        "render_images_per_s_per_core": collected["render_images_per_s_per_core"],
+        "sim_steps_per_s_per_core": collected["sim_steps_per_s_per_core"],
+        "ingest_frames": ingested["frames"],
+        "validate_seconds": validated["seconds"],
+        "validate_frames_per_s": validated["validate_frames_per_s"],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def _cache_peak_rss(demos: Path, vae_dir: Path, out: Path, episodes: list[int], cfg) -> float:
+    """Peak RSS (MB) of a child process that builds the cache for `episodes` only."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_child_cache, (str(demos), str(vae_dir), str(out), episodes, cfg))
+
+
+def _child_cache(demos, vae_dir, out, episodes, cfg) -> float:
+    from lingbot.data.latents import build_cache
+
+    build_cache(Path(demos), Path(vae_dir), Path(out), cfg, progress=False, only=episodes)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_latents(episodes: int, workers: int) -> dict:
+    """VAE encode throughput, streaming = batch, cached vs on-the-fly loading, memory vs episode count."""
+    import time
+
+    import torch
+
+    from lingbot.config import preset
+    from lingbot.data.collect import collect
+    from lingbot.data.ingest import ingest
+    from lingbot.data.latents import LatentWindows, build_cache
+    from lingbot.data.lerobot_io import iter_episode_frames, open_layout
+    from lingbot.vae.wan import StreamingEncoder, build_vae, encode_clip, load_vae, to_pixels
+
+    cfg = preset("small")
+    with tempfile.TemporaryDirectory(prefix="lingbot-bench-") as tmp:
+        tmp = Path(tmp)
+        collect(dataclasses.replace(cfg.collect, episodes=episodes, workers=workers), tmp / "collected",
+                progress=False)
+        ingest(dataclasses.replace(cfg.ingest, source=str(tmp / "collected")), tmp / "demos")
+        vae = build_vae(cfg.vae).eval()  # throughput does not depend on training
+        vae.save_pretrained(tmp / "vae")
+        vae = load_vae(tmp / "vae")
+        built = build_cache(tmp / "demos", tmp / "vae", tmp / "latents", cfg.latents, progress=False)
+
+        layout = open_layout(tmp / "demos" / "dataset")
+        key = layout.video_keys[0]
+        ((_, frames, _),) = list(iter_episode_frames(layout, key, [0]))
+        clip = to_pixels(frames[:17])
+        whole = encode_clip(vae, clip)
+        stream = StreamingEncoder(vae)
+        streamed = torch.stack([o for t in range(17) if (o := stream.push(clip[:, :, t])) is not None], dim=2)
+        stream_diff = float((streamed - whole).abs().max())
+
+        data = LatentWindows(tmp / "latents", min_chunks=4, max_chunks=4)
+        n = 200
+        t0 = time.perf_counter()
+        for i in range(n):
+            data[i % len(data)]
+        cached = n / (time.perf_counter() - t0)
+
+        # The same windows computed on the fly: decode the episode's frames and encode the window.
+        n_online = 6
+        t0 = time.perf_counter()
+        for i in range(n_online):
+            item = data[i % len(data)]
+            first = max(0, 4 * item["start"] - 3)
+            for cam in layout.video_keys:
+                ((_, frames, _),) = list(iter_episode_frames(layout, cam, [item["episode"]]))
+                window = frames[first : 1 + 4 * (item["start"] + len(item["video"]) - 1)]
+                encode_clip(vae, to_pixels(window[: 1 + 4 * ((len(window) - 1) // 4)]))
+        online = n_online / (time.perf_counter() - t0)
+
+        # The whole cache again on a local Dask cluster of 2 workers through Prefect (lingbot/cluster.py),
+        # one job per shard of 2 episodes: the same bytes, and the scaling on this machine's 2 cores.
+        from lingbot.config import ClusterConfig
+        from lingbot.data.latents import build_cache_on_cluster
+
+        sharded = dataclasses.replace(cfg.latents, episodes_per_shard=2)
+        t0 = time.perf_counter()
+        one = build_cache(tmp / "demos", tmp / "vae", tmp / "one", sharded, progress=False)
+        one_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        two = build_cache_on_cluster(tmp / "demos", tmp / "vae", tmp / "two", sharded, ClusterConfig(workers=2), 1)
+        two_s = time.perf_counter() - t0
+        same = all((tmp / "one" / f.name).read_bytes() == f.read_bytes() for f in (tmp / "two").iterdir())
+
+        all_eps = sorted(int(e) for e in layout.episodes["episode_index"])
+        half = all_eps[: len(all_eps) // 2]
+        rss_half = _cache_peak_rss(tmp / "demos", tmp / "vae", tmp / "rss-half", half, cfg.latents)
+        rss_full = _cache_peak_rss(tmp / "demos", tmp / "vae", tmp / "rss-full", all_eps, cfg.latents)
+    return {
+        "bench": "latents",
+        "episodes": built["episodes"],
+        "frames_encoded": built["frames_encoded"],
+        "encode_frames_per_s": built["encode_frames_per_s"],
+        "stream_vs_batch_max_abs_diff": stream_diff,
+        "loader_samples_per_s_cached": round(cached, 1),
+        "loader_samples_per_s_online": round(online, 2),
+        "cached_vs_online_speedup": round(cached / online, 1),
+        "peak_rss_mb_half_episodes": round(rss_half, 1),
+        "peak_rss_mb": round(rss_full, 1),
+        "cache_seconds_1_process": round(one_s, 1),
+        "cache_seconds_2_dask_workers": round(two_s, 1),
+        "cache_frames_per_s_1_process": round(one["frames_encoded"] / one_s, 1),
+        "cache_frames_per_s_2_dask_workers": round(two["frames_encoded"] / two_s, 1),
+        "cluster_cache_identical": same,
+    }
+
+
+def train_throughput(run_cfg, batch: int, steps: int, device, latent_hw: int = 8, cameras: int = 2) -> dict:
+    """Teacher-forced training steps of `run_cfg`'s world model at batch size `batch` on synthetic latents
+    of the cache's shapes, bf16 autocast on CUDA, fp32 on a CPU. `bench train` and the GPU run share it."""
+    import torch
+
+    from lingbot.model.world_model import WorldModel, count_parameters, draw_noise, flow_matching_loss
+    from lingbot.train.loop import make_optimizer
+
+    cfg, tcfg = run_cfg.model, dataclasses.replace(run_cfg.pretrain, batch_size=batch)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WorldModel(cfg, cameras=cameras)
+    opt = make_optimizer(model, tcfg)
+    B, n, K = batch, tcfg.max_chunks, model.K
+    g = torch.Generator().manual_seed(0)
+    data = {
+        "video": torch.randn(B, n, cameras, cfg.latent_channels, latent_hw, latent_hw, generator=g),
+        "actions": torch.rand(B, n, K, 7, generator=g) * 2 - 1,
+        "action_mask": torch.ones(B, n, K, dtype=torch.bool),
+        "task": torch.randn(B, 1, cfg.text_dim, generator=g),
+        "start_state": torch.rand(B, n, 4, generator=g) * 2 - 1,
+    }
+    data = {k: v.to(device) for k, v in data.items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(i):
+        noise = draw_noise(data, cfg.action_channels, tcfg.shift, tcfg.history_noise_p, torch.Generator().manual_seed(i))
+        with autocast:
+            loss = flow_matching_loss(model, data, noise, 7)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(2):
+        step(i)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    sync()
+    elapsed = time.perf_counter() - t0
+    counts = count_parameters(model)
+    Tv = cameras * (latent_hw // cfg.patch[0]) * (latent_hw // cfg.patch[1])
+    seq = 2 * n * Tv + 2 * n * K  # noisy + clean copies of video and action tokens
+    # Training FLOPs per sample: 6 x params x tokens per expert, plus attention (QK^T and AV, fwd+bwd).
+    flops = 6 * (counts["video"] * 2 * n * Tv + counts["action"] * 2 * n * K)
+    flops += 3 * 4 * seq * seq * cfg.heads * cfg.head_dim * cfg.depth
+    samples_per_s = B * steps / elapsed
+    result = {"batch_size": B, "chunks": n, "tokens_per_sample": seq, "params_video": counts["video"],
+              "params_action": counts["action"], "step_ms": round(1000 * elapsed / steps, 2),
+              "samples_per_s": round(samples_per_s, 2), "tokens_per_s": round(samples_per_s * seq, 1),
+              "tflops": round(samples_per_s * flops / 1e12, 4)}
+    if device.type == "cuda":
+        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
+
+
+def bench_train(preset_name: str, steps: int = 10, latent_hw: int = 8, cameras: int = 2) -> dict:
+    """Teacher-forced training steps of a preset's world model on synthetic latents of cache shapes."""
+    import torch
+
+    from lingbot.config import preset
+
+    run_cfg = preset(preset_name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    measured = train_throughput(run_cfg, run_cfg.pretrain.batch_size, steps, device, latent_hw, cameras)
+    result = {"bench": "train", "preset": preset_name,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **measured, "mfu": None}
+    if device.type == "cuda":  # bf16 dense peak of the card (H100/H200 SXM: 989 TFLOP/s)
+        peak = 989e12 if ("H100" in result["device"] or "H200" in result["device"]) else None
+        result["mfu"] = round(measured["tflops"] * 1e12 / peak, 3) if peak else None
+    return result
+
+
+def chunk_latency(model, run_cfg, policy_cfg, mode: str, cameras: int, latent_hw: int, histories,
+                  repeats: int, diff_history: int, device, reference=None, time_recompute: bool = False) -> dict:
+    """Chunk latency of the policy's denoising (`lingbot.policy.runtime`) with `model` as it is, under
+    `mode` (fp32, bf16-autocast, bf16-weights: the caller converts the weights), at each history length;
+    full and half-way video denoising at the longest; the cached chunk against the no-cache recompute at
+    `diff_history` chunks (timed too with `time_recompute`). `bench realtime` and the GPU run share it."""
+    import statistics
+
+    import torch
+
+    from lingbot.model.world_model import KVCache
+    from lingbot.policy.runtime import chunk_noise, denoise_chunk, recompute_sequence, write_history
+
+    K, A, z = model.K, run_cfg.model.action_channels, run_cfg.model.latent_channels
+    S = run_cfg.model.state_channels
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 1, run_cfg.model.text_dim, generator=g).to(device)
+    longest, chunks = max(histories), max(*histories, diff_history)
+    real = torch.randn(1, chunks, cameras, z, latent_hw, latent_hw, generator=g).to(device)
+    executed = (torch.rand(1, chunks, K, A, generator=g) * 2 - 1).to(device)
+    states = (torch.rand(1, chunks + 1, S, generator=g) * 2 - 1).to(device) if S else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode != "fp32")
+
+    def start(k):
+        return None if states is None else states[:, k]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - t0) * 1000)
+        return round(statistics.median(times), 2)
+
+    out = {}
+    with torch.no_grad(), autocast:
+        ctx = model.encode_text(text)
+        for hist in sorted(set(histories) | {diff_history}):
+            cache = KVCache(run_cfg.model.depth)
+            for k in range(hist):
+                write_history(model, cache, k, ctx, real[:, k], executed[:, k], policy_cfg.history_chunks,
+                              state=start(k))
+            x, a, _ = chunk_noise(torch.Generator().manual_seed(hist), real.shape[2:], K, A, device)
+
+            def cached(cfg=policy_cfg, cache=cache, hist=hist, x=x, a=a):
+                size = len(cache)
+                actions, imagined = denoise_chunk(model, cache, hist, ctx, x, a, cfg, start(hist))
+                cache.truncate(size)  # drop the imagined chunk: the next repeat starts alike
+                return actions, imagined
+
+            if hist in histories:
+                out[f"latency_ms_hist{hist}"] = timed(cached)
+            if hist == longest:
+                full = dataclasses.replace(policy_cfg, video_exec_step=policy_cfg.video_steps)
+                half = dataclasses.replace(policy_cfg, video_exec_step=max(1, policy_cfg.video_steps // 2))
+                out["latency_ms_full_video_denoise"] = timed(lambda: cached(cfg=full))
+                out["latency_ms_half_video_denoise"] = timed(lambda: cached(cfg=half))
+            if hist == diff_history:
+                history = None if states is None else states[:, : hist + 1]
+
+                def recompute(hist=hist, x=x, a=a, history=history):
+                    return recompute_sequence(model, real[:, :hist], executed[:, :hist], text, x, a, policy_cfg,
+                                              history)
+
+                if time_recompute:
+                    out[f"recompute_latency_ms_hist{hist}"] = timed(recompute)
+                ref_actions, ref_x = recompute()
+                actions, imagined = cached()
+                out["cache_vs_recompute_max_abs_diff_actions"] = float(abs(actions - ref_actions).max())
+                out["cache_vs_recompute_max_abs_diff_video"] = float((imagined.float() - ref_x.float()).abs().max())
+                out["_actions"] = actions
+    if reference is not None and "_actions" in out:
+        out["actions_max_abs_diff_vs_fp32"] = float(abs(out["_actions"] - reference).max())
+    out["partial_denoise_speedup"] = round(out["latency_ms_full_video_denoise"] / out["latency_ms_half_video_denoise"], 3)
+    return out
+
+
+def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, cameras: int = 2,
+                   histories: tuple[int, ...] = (1, 32)) -> dict:
+    """Chunk latency of the policy's denoising with the KV cache at several history lengths, against
+    recomputing the whole sequence without a cache, and full vs partial (stopped half way) video denoising.
+
+    Model part only (random weights of the preset's shapes; the VAE's per-frame encode is separate):
+    what a robot waits for between sending its boundary frame and receiving the action chunk.
+    """
+    import torch
+
+    from lingbot.config import preset
+    from lingbot.model.world_model import WorldModel
+
+    run_cfg = preset(preset_name)
+    cfg = dataclasses.replace(run_cfg.policy, history_chunks=0)  # the whole history: what is measured
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = WorldModel(run_cfg.model, cameras=cameras).to(device).eval()
+    for head in (model.video_out, model.action_out, model.state_in):  # trained heads are not zero: nor are these
+        if head is not None:
+            torch.nn.init.normal_(head.weight, std=0.02)
+    K, longest = model.K, max(histories)
+    result = {"bench": "realtime", "preset": preset_name,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "video_steps": cfg.video_steps, "video_exec_step": cfg.video_exec_step,
+              "action_steps": cfg.action_steps, "tokens_per_chunk": cameras * (latent_hw // 2) ** 2 + K}
+    result |= chunk_latency(model, run_cfg, cfg, "fp32", cameras, latent_hw, histories, repeats, longest, device,
+                            time_recompute=True)
+    result.pop("_actions", None)
+    h1, hl = result[f"latency_ms_hist{histories[0]}"], result[f"latency_ms_hist{longest}"]
+    result[f"hist{longest}_over_hist{histories[0]}"] = round(hl / h1, 3)
+    result["recompute_over_cached"] = round(result[f"recompute_latency_ms_hist{longest}"] / hl, 2)
+    chunk_s = K / 40  # the embedded default records at 40 Hz
+    result["realtime_factor_at_40hz"] = round(1000 * chunk_s / hl, 2)
+    return result
