@@ -139,6 +139,19 @@ def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(proje
     proc = bench_seeds("--demos", "0")
     assert proc.returncode != 0 and "--demos 0: fine-tune on at least 1 demo" in proc.stderr
 
+    # bench peers on a few demos: the world model's row is that recipe (not the dvc run on all demos),
+    # fine-tuned by bench seeds; the peer trains through lerobot-train on the same episodes.
+    proc = subprocess.run([sys.executable, "-m", "lingbot.cli", "bench", "peers", "--peers", "act", "--demos", "2",
+                           "--budget-s", "1", "--workers", "1", "--out", str(tmp_path / "peers")], cwd=project,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    wm, act = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert (wm["method"], act["method"]) == ("lingbot world model", "LeRobot act")
+    assert wm["demos"] == act["demos"] == 1  # the tiny run has one drawer-open training episode
+    kept = json.loads((project / "models/seeds/seed-0/drawer-open-v3-2demos/result.json").read_text())
+    assert wm["success"] == kept["success_rate"] and wm["train_s"] == kept["train_seconds"]
+    assert json.loads((tmp_path / "peers/act/drawer-open-v3-2demos/result.json").read_text()) == act
+
 
 def test_repro_runs_caches_and_reruns_only_downstream(project, first_repro):
     first = first_repro[0]

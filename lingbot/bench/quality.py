@@ -230,23 +230,32 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
     }
 
 
-def _world_model_row(run_cfg, target: str) -> dict:
-    """The world model's row of the peers table: the workspace's `dvc repro` run (reports/)."""
+def _world_model_row(params: Path, run_cfg, own: tuple, demos: int | None, workers: int, seeds_out: Path) -> dict:
+    """The world model's row of the peers table for `run_cfg` (retargeted), demos left to the caller:
+    the workspace's `dvc repro` run (reports/) when it is this recipe on its own task, else the recipe
+    run by `bench_seeds` at the params' seed (kept in `seeds_out`)."""
+    from lingbot.errors import LingbotError
     from lingbot.fsutil import timings_path
+    from lingbot.sim.evaluate import wilson_interval
 
+    target = run_cfg.evaluate.tasks[0]
+    row = {"method": "lingbot world model", "target": target}
+    if tuple(run_cfg.evaluate.tasks) != own or not _same_recipe(Path("models/finetune/checkpoint"), run_cfg.model,
+                                                                 run_cfg.finetune):
+        wm = bench_seeds(params, [run_cfg.seed], workers, seeds_out, False,
+                         None if tuple(run_cfg.evaluate.tasks) == own else target, demos=demos)["per_seed"][0]
+        low, high = wilson_interval(wm["wins"], wm["episodes"])
+        return row | {"train_s": wm["train_seconds"], "success": wm["success_rate"], "ci_low": round(low, 4),
+                      "ci_high": round(high, 4), "latency_ms": wm["latency_ms"]}
     reported = json.loads(Path("reports/eval.json").read_text())
     timings = json.loads(timings_path(Path("reports/eval.json")).read_text())
     trained = world_model_train_seconds(run_cfg)
     if len(trained) != 2:
-        from lingbot.errors import LingbotError
-
         raise LingbotError("bench peers: reports/pretrain.json and reports/finetune.json (with their timings) are "
                            "missing; run `dvc repro` first")
-    seconds = sum(trained.values())
-    return {"method": "lingbot world model", "target": target,
-            "demos": json.loads(Path("reports/finetune.json").read_text())["episodes"], "train_s": round(seconds, 1),
-            "success": reported[f"{target}/success_rate"], "ci_low": reported[f"{target}/success_ci_low"],
-            "ci_high": reported[f"{target}/success_ci_high"], "latency_ms": timings.get("latency_ms_p95")}
+    return row | {"train_s": round(sum(trained.values()), 1), "success": reported[f"{target}/success_rate"],
+                  "ci_low": reported[f"{target}/success_ci_low"], "ci_high": reported[f"{target}/success_ci_high"],
+                  "latency_ms": timings.get("latency_ms_p95")}
 
 
 def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers: int, out: Path,
@@ -266,8 +275,9 @@ def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers:
     under `out` is not trained again (a stopped bench resumes).
     """
     from lingbot.baselines.lerobot_peers import load_peer, train_peer
-    from lingbot.data.latents import LatentWindows
     from lingbot.config import load_run_config
+    from lingbot.data.latents import LatentWindows
+    from lingbot.errors import LingbotError
     from lingbot.fsutil import write_json
     from lingbot.sim.evaluate import evaluate, wilson_interval
     from lingbot.train.loop import select_episodes
@@ -280,19 +290,9 @@ def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers:
         raise ValueError("bench peers: evaluate one task (evaluate.tasks) at a time")
     target, name = eval_cfg.tasks[0], run_name(eval_cfg.tasks, demos)
     episodes = select_episodes(LatentWindows(Path("data/latents")).manifest, run_cfg.finetune)
-    if eval_cfg.tasks == own and _same_recipe(Path("models/finetune/checkpoint"), run_cfg.model, run_cfg.finetune):
-        rows = [_world_model_row(run_cfg, target)]
-    else:
-        wm = bench_seeds(params, [run_cfg.seed], workers, seeds_out, False, None if eval_cfg.tasks == own else target,
-                         demos=demos)["per_seed"][0]
-        low, high = wilson_interval(wm["wins"], wm["episodes"])
-        rows = [{"method": "lingbot world model", "target": target, "demos": len(episodes),
-                 "train_s": wm["train_seconds"], "success": wm["success_rate"], "ci_low": round(low, 4),
-                 "ci_high": round(high, 4), "latency_ms": wm["latency_ms"]}]
+    rows = [_world_model_row(params, run_cfg, own, demos, workers, seeds_out) | {"demos": len(episodes)}]
     budget = budget_s or rows[0]["train_s"]
     if not budget:
-        from lingbot.errors import LingbotError
-
         raise LingbotError(f"bench peers: the world model's training time on {target} is not known (its "
                            "pretraining was not timed here); pass --budget-s")
     for kind in peers:
@@ -300,8 +300,6 @@ def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers:
         result = work / "result.json"
         trained = work / "model" / "lingbot_peer.json"
         if trained.is_file() and json.loads(trained.read_text())["episodes"] != sorted(episodes):
-            from lingbot.errors import LingbotError
-
             raise LingbotError(f"{work}: trained on other episodes than {params}'s {target} demos; pass another --out")
         if not result.is_file():
             if not trained.is_file():
