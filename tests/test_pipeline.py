@@ -115,32 +115,9 @@ def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(proje
         assert bc["steps"] == 3 and bc["episodes"] == run["episodes"]
     assert bench_bc()["targets"]["drawer-open-v3"] == table  # kept runs are read back, not redone
 
-    # --demos: a few-demo run beside the run on all the demos, from the same pretraining (not trained
-    # again); and a kept run of another recipe is an error, never read back as this one's result.
-    pretrain_time = (tmp_path / "seeds" / "seed-1" / "pretrain" / "seconds.json").stat().st_mtime_ns
-
-    def bench_seeds(*args, params="params.yaml"):
-        return subprocess.run([sys.executable, "-m", "lingbot.cli", "bench", "seeds", "--seeds", "1", "--workers", "1",
-                               "--params", params, "--out", str(tmp_path / "seeds"), *args], cwd=project,
-                              capture_output=True, text=True)
-
-    proc = bench_seeds("--demos", "2")
-    assert proc.returncode == 0, proc.stderr
-    few = tmp_path / "seeds" / "seed-1" / "drawer-open-v3-2demos"
-    trained = json.loads((few / "finetune" / "checkpoint" / "config.json").read_text())["train"]
-    assert trained["max_episodes_per_task"] == 2
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["per_seed"][0]["source"] == str(few)
-    assert (tmp_path / "seeds" / "seed-1" / "pretrain" / "seconds.json").stat().st_mtime_ns == pretrain_time
-    other = yaml.safe_load((project / "params.yaml").read_text())
-    other["finetune"]["steps"] += 1
-    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
-    proc = bench_seeds(params=str(tmp_path / "other.yaml"))
-    assert proc.returncode != 0 and "fine-tuned by another recipe" in proc.stderr.strip().splitlines()[-1]
-    proc = bench_seeds("--demos", "0")
-    assert proc.returncode != 0 and "--demos 0: fine-tune on at least 1 demo" in proc.stderr
-
-    # bench peers on a few demos: the world model's row is that recipe (not the dvc run on all demos),
-    # fine-tuned by bench seeds; the peer trains through lerobot-train on the same episodes.
+    # bench peers --demos: the world model's row is that few-demo recipe, fine-tuned by bench seeds from
+    # the run's own pretraining (not trained again) into a run of its own beside the run on all demos
+    # (not the dvc run's result); the peer trains through lerobot-train on the same episodes.
     proc = subprocess.run([sys.executable, "-m", "lingbot.cli", "bench", "peers", "--peers", "act", "--demos", "2",
                            "--budget-s", "1", "--workers", "1", "--out", str(tmp_path / "peers")], cwd=project,
                           capture_output=True, text=True)
@@ -148,9 +125,25 @@ def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(proje
     wm, act = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
     assert (wm["method"], act["method"]) == ("lingbot world model", "LeRobot act")
     assert wm["demos"] == act["demos"] == 1  # the tiny run has one drawer-open training episode
-    kept = json.loads((project / "models/seeds/seed-0/drawer-open-v3-2demos/result.json").read_text())
+    few = project / "models" / "seeds" / "seed-0" / "drawer-open-v3-2demos"
+    kept = json.loads((few / "result.json").read_text())
     assert wm["success"] == kept["success_rate"] and wm["train_s"] == kept["train_seconds"]
+    trained = json.loads((few / "finetune" / "checkpoint" / "config.json").read_text())["train"]
+    assert trained["max_episodes_per_task"] == 2
+    assert not (few.parent / "pretrain").exists()  # the dvc run's pretraining, reused
     assert json.loads((tmp_path / "peers/act/drawer-open-v3-2demos/result.json").read_text()) == act
+
+    # A kept run of another recipe is an error, never read back as this one's result.
+    from lingbot.bench.quality import bench_seeds, retarget
+    from lingbot.errors import LingbotError
+
+    other = yaml.safe_load((project / "params.yaml").read_text())
+    other["finetune"]["steps"] += 1
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(LingbotError, match="fine-tuned by another recipe"):
+        bench_seeds(tmp_path / "other.yaml", [1], 1, tmp_path / "seeds", False)
+    with pytest.raises(LingbotError, match="--demos 0: fine-tune on at least 1 demo"):
+        retarget(load_run_config(project / "params.yaml"), None, 0)
 
 
 def test_repro_runs_caches_and_reruns_only_downstream(project, first_repro):
