@@ -134,7 +134,7 @@ def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(proje
     assert json.loads((tmp_path / "peers/act/drawer-open-v3-2demos/result.json").read_text()) == act
 
     # A kept run of another recipe is an error, never read back as this one's result.
-    from lingbot.bench.quality import bench_seeds, retarget
+    from lingbot.bench.quality import bench_bc, bench_seeds, retarget
     from lingbot.errors import LingbotError
 
     other = yaml.safe_load((project / "params.yaml").read_text())
@@ -142,6 +142,8 @@ def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(proje
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
     with pytest.raises(LingbotError, match="fine-tuned by another recipe"):
         bench_seeds(tmp_path / "other.yaml", [1], 1, tmp_path / "seeds", False)
+    with pytest.raises(LingbotError, match="trained with other steps, seed or demos than asked"):
+        bench_bc(project / "params.yaml", 4, None, 1, [0, 1], [], tmp_path / "seeds")  # kept BC ran 3 steps
     with pytest.raises(LingbotError, match="--demos 0: fine-tune on at least 1 demo"):
         retarget(load_run_config(project / "params.yaml"), None, 0)
 

@@ -26,6 +26,9 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     """
     from lingbot.baselines.bc import BCConfig, load_bc, load_demos, save_bc, train_bc
     from lingbot.config import chain_seeds, load_run_config
+    from lingbot.data.latents import open_manifest
+    from lingbot.errors import LingbotError
+    from lingbot.train.loop import select_episodes
     from lingbot.fsutil import write_json
     from lingbot.sim.evaluate import evaluate, wilson_interval
 
@@ -43,11 +46,16 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
                          with_run, None if tasks == own else target, episodes=eval_cfg.episodes, demos=demos)
         data = None
         bc_rows = []
+        demo_count = len(select_episodes(open_manifest(Path("data/latents")), finetune))
         for seed in seeds:
             path = Path(out) / f"seed-{seed}" / key / "bc" / "result.json"
+            seeded = chain_seeds(run_cfg, seed, sections=("finetune",)).finetune.seed
+            cfg = BCConfig(seed=seeded) if steps is None else BCConfig(steps=steps, seed=seeded)
+            if path.is_file() and any(json.loads(path.read_text())[k] != v for k, v in
+                                      (("bc_seed", seeded), ("steps", cfg.steps), ("demos", demo_count))):
+                raise LingbotError(f"{path.parent}: trained with other steps, seed or demos than asked; "
+                                   "pass another --out")
             if not path.is_file():
-                seeded = chain_seeds(run_cfg, seed, sections=("finetune",)).finetune.seed
-                cfg = BCConfig(seed=seeded) if steps is None else BCConfig(steps=steps, seed=seeded)
                 data = data or load_demos(Path("data/demos"), Path("data/latents"), finetune, cfg.chunk)
                 model, losses, seconds = train_bc(data, cfg, progress=False)
                 save_bc(model, data, cfg, path.parent / "policy")
@@ -238,12 +246,11 @@ def _world_model_row(params: Path, run_cfg, own: tuple, demos: int | None, worke
     from lingbot.fsutil import timings_path
     from lingbot.sim.evaluate import wilson_interval
 
-    target = run_cfg.evaluate.tasks[0]
+    target, own_task = run_cfg.evaluate.tasks[0], tuple(run_cfg.evaluate.tasks) == own
     row = {"method": "lingbot world model", "target": target}
-    if tuple(run_cfg.evaluate.tasks) != own or not _same_recipe(Path("models/finetune/checkpoint"), run_cfg.model,
-                                                                 run_cfg.finetune):
-        wm = bench_seeds(params, [run_cfg.seed], workers, seeds_out, False,
-                         None if tuple(run_cfg.evaluate.tasks) == own else target, demos=demos)["per_seed"][0]
+    if not own_task or not _same_recipe(Path("models/finetune/checkpoint"), run_cfg.model, run_cfg.finetune):
+        wm = bench_seeds(params, [run_cfg.seed], workers, seeds_out, False, None if own_task else target,
+                         demos=demos)["per_seed"][0]
         low, high = wilson_interval(wm["wins"], wm["episodes"])
         return row | {"train_s": wm["train_seconds"], "success": wm["success_rate"], "ci_low": round(low, 4),
                       "ci_high": round(high, 4), "latency_ms": wm["latency_ms"]}
