@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 
 import numpy as np
 import pytest
@@ -49,19 +48,13 @@ def test_lerobot_eval_drives_the_lingbot_policy_for_one_episode(tiny_bundle, tmp
                                                                 load):
     """`--policy.type=lingbot --policy.bundle=DIR` with the plugin named, or `--policy.path=<pulled release>`
     alone: LeRobot finds the plugin by its distribution name and the release's config.json."""
-    import lerobot.envs.metaworld
     from lerobot.scripts import lerobot_eval
 
-    # LeRobot's MetaWorld env hard-codes 500 steps (--env.episode_length is not passed to it): cut the
-    # episode to 9 steps, i.e. chunks of 4 actions computed at steps 0, 4 and 8.
+    from lingbot.sim import lerobot_env
+
+    # LeRobot's MetaWorld env hard-codes 500 steps (--env.episode_length is not passed to it): lingbot's
+    # runner cuts the episode to 9 steps, i.e. chunks of 4 actions computed at steps 0, 4 and 8.
     steps, chunk = 9, 4
-    make_env = lerobot.envs.metaworld.MetaworldEnv.__init__
-
-    def short_env(self, *args, **kwargs):
-        make_env(self, *args, **kwargs)
-        self._max_episode_steps = steps
-
-    monkeypatch.setattr(lerobot.envs.metaworld.MetaworldEnv, "__init__", short_env)
     made = []
     make_policy = lerobot_eval.make_policy
     monkeypatch.setattr(lerobot_eval, "make_policy", lambda *a, **k: made.append(make_policy(*a, **k)) or made[-1])
@@ -71,8 +64,8 @@ def test_lerobot_eval_drives_the_lingbot_policy_for_one_episode(tiny_bundle, tmp
                        f"--policy.bundle={tiny_bundle}"]
     else:
         policy_args = [f"--policy.path={_release(tiny_bundle, tmp_path)}"]
-    monkeypatch.setattr(sys, "argv", [
-        "lerobot-eval",
+    lerobot_env.main([
+        str(steps),
         *policy_args,
         f"--policy.camera_map={json.dumps(CAMERA_MAP)}",
         "--policy.device=cpu",
@@ -83,7 +76,6 @@ def test_lerobot_eval_drives_the_lingbot_policy_for_one_episode(tiny_bundle, tmp
         "--eval.use_async_envs=false",
         f"--output_dir={out}",
     ])
-    lerobot_eval.main()
 
     info = json.loads((out / "eval_info.json").read_text())
     assert info["overall"]["n_episodes"] == 1
@@ -162,6 +154,42 @@ def test_factory_policy_acts_like_lingbot_sessions_one_per_env(tiny_bundle, asyn
         session.close()
 
 
+def test_an_env_faster_than_the_bundle_gets_each_action_held(tiny_bundle):
+    """env_fps twice the bundle's fps (LeRobot's 80 Hz MetaWorld, 40 fps data): each action is returned
+    for 2 env steps and the session sees every other frame, as lingbot's own rollouts run it."""
+    from lerobot.envs.configs import MetaworldEnv
+    from lerobot.policies.factory import make_policy, make_policy_config, make_pre_post_processors
+
+    import lerobot_policy_lingbot  # noqa: F401
+    from lingbot.errors import LingbotError
+    from lingbot.policy.runtime import load_policy
+
+    reference = load_policy(tiny_bundle)
+    fps, K, (h, w) = int(reference.meta["fps"]), reference.K, reference.meta["image_size"]
+    cfg = make_policy_config("lingbot", bundle=str(tiny_bundle), camera_map=CAMERA_MAP, device="cpu",
+                             env_fps=2 * fps)
+    policy = make_policy(cfg, env_cfg=MetaworldEnv(task="drawer-open-v3"))
+    pre, post = make_pre_post_processors(cfg)
+    session = reference.new_session("open the drawer", seed=reference.cfg.seed)
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 256, (2 * K + 2, 1, h, w, 3), dtype=np.uint8)
+    states = rng.uniform(-0.5, 0.5, (2 * K + 2, 1, 4)).astype(np.float32)
+    with torch.inference_mode():
+        actions = np.stack([post(policy.select_action(pre(_lerobot_batch(frames[i], ["open the drawer"],
+                                                                         states[i])))).numpy()[0]
+                            for i in range(2 * K + 2)])
+    expected = [session.select_action({**{cam: frames[i, 0] for cam in reference.cameras},
+                                       reference.state_key: states[i, 0]}) for i in range(0, 2 * K + 2, 2)]
+    np.testing.assert_allclose(actions[0::2], np.asarray(expected, np.float32), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(actions[1::2], actions[0::2])
+    assert len(policy.sessions[0].latency_ms) == 2  # chunks at bundle steps 0 and K
+    for s in (session, *policy.sessions):
+        s.close()
+    with pytest.raises(LingbotError, match="not a multiple of the bundle's"):
+        make_policy(make_policy_config("lingbot", bundle=str(tiny_bundle), camera_map=CAMERA_MAP, device="cpu",
+                                       env_fps=fps + 1), env_cfg=MetaworldEnv(task="drawer-open-v3"))
+
+
 def test_a_bundle_directory_loads_like_any_lerobot_checkpoint(tiny_bundle, tmp_path):
     """`--policy.path=DIR`: LeRobot's config.json and processors saved next to the bundle's files."""
     import shutil
@@ -235,6 +263,7 @@ def test_evaluate_rolls_out_in_a_lerobot_env(tiny_bundle, tmp_path, capsys):
     import yaml
 
     from lingbot.cli import main
+    from lingbot.sim.lerobot_env import action_hold
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"preset": "tiny", "evaluate": {
@@ -247,6 +276,8 @@ def test_evaluate_rolls_out_in_a_lerobot_env(tiny_bundle, tmp_path, capsys):
     assert metrics["episodes"] == 1 and metrics["drawer-open-v3/episodes"] == 1
     assert metrics["success_rate"] in (0.0, 1.0) and 0 <= metrics["success_ci_low"] <= metrics["success_ci_high"]
     assert json.loads((out / "episodes.json").read_text())[0]["seed"] == 100_000
+    # The tiny preset's 12 steps at 40 fps: 24 of LeRobot's 80 Hz MetaWorld steps, not the env's own 500.
+    assert action_hold(tiny_bundle, "metaworld") == (80, 2)
     params.write_text(yaml.safe_dump({"preset": "tiny", "evaluate": {"env": "lerobot", "camera_map": ["corner3"]}}))
     assert main(["evaluate", "--params", str(params), "--policy", str(tiny_bundle), "--out", str(out)]) == 2
     assert "is not bundle_camera=lerobot_key" in capsys.readouterr().err

@@ -8,6 +8,12 @@ env's `observation.state` as the robot state, actions back in robot units. Succe
 (`info["is_success"]`, as LeRobot counts it); the held-out seed is `evaluate.seed`. LeRobot's per-task
 successes come back as lingbot's metrics: success rate with its Wilson interval, per task and overall.
 
+The bundle acts at its dataset's fps; an env stepping faster (LeRobot's MetaWorld: 80 Hz control
+steps, a bundle collected at `action_repeat` 2: 40 Hz) holds each action for env fps / bundle fps steps
+(the plugin's `env_fps`), and the episode ends after `evaluate.max_steps` bundle steps, as in lingbot's
+own rollouts (LeRobot's MetaWorld env ignores its `episode_length`; the time limit is set on the envs
+lerobot-eval makes, see `main`).
+
 LIBERO (`lerobot_env: libero`) downloads its assets at first use: run it where the network reaches the
 Hub once (`HF_HUB_OFFLINE=1` afterwards).
 """
@@ -47,6 +53,7 @@ def evaluate_lerobot(bundle: Path, cfg: EvalConfig, out: Path) -> dict:
 
     if cfg.episodes < 1:
         raise LingbotError("evaluate: episodes must be >= 1")
+    env_fps, hold = action_hold(bundle, cfg.lerobot_env)
     results, seconds = [], 0.0
     with tempfile.TemporaryDirectory(prefix="lingbot-lerobot-eval-") as tmp:
         policy = Path(tmp) / "policy"
@@ -54,7 +61,8 @@ def evaluate_lerobot(bundle: Path, cfg: EvalConfig, out: Path) -> dict:
         write_lerobot_files(policy)
         for task in cfg.tasks:
             run = Path(tmp) / f"eval-{len(results)}"
-            args = [sys.executable, "-m", "lerobot.scripts.lerobot_eval", f"--policy.path={policy}",
+            args = [sys.executable, "-m", "lingbot.sim.lerobot_env", str(cfg.max_steps * hold),
+                    f"--policy.path={policy}", f"--policy.env_fps={env_fps}",
                     f"--policy.camera_map={json.dumps(camera_map(cfg))}", "--policy.device=cpu",
                     f"--env.type={cfg.lerobot_env}", f"--env.task={task}", f"--eval.n_episodes={cfg.episodes}",
                     "--eval.batch_size=1", "--eval.use_async_envs=false", f"--seed={cfg.seed}",
@@ -80,3 +88,47 @@ def evaluate_lerobot(bundle: Path, cfg: EvalConfig, out: Path) -> dict:
         summary |= {f"{name}success_rate": wins / max(1, len(rows)), f"{name}success_ci_low": round(low, 4),
                     f"{name}success_ci_high": round(high, 4), f"{name}episodes": len(rows)}
     return summary
+
+
+def action_hold(bundle: Path, lerobot_env: str) -> tuple[int, int]:
+    """(the LeRobot env's fps, env steps per bundle action) for `bundle` rolled out in `lerobot_env`."""
+    from lerobot.envs.configs import EnvConfig
+
+    from lingbot.policy.bundle import read_bundle
+
+    try:
+        env_fps = int(EnvConfig.get_choice_class(lerobot_env).fps)
+    except KeyError:
+        raise LingbotError(f"evaluate.lerobot_env: {lerobot_env!r} is not a lerobot.envs type "
+                           f"({', '.join(sorted(EnvConfig.get_known_choices()))})") from None
+    fps = int(read_bundle(bundle)["fps"])
+    if env_fps % fps:
+        raise LingbotError(f"evaluate: LeRobot's {lerobot_env} env steps at {env_fps} Hz, not a multiple of "
+                           f"the bundle's {fps} fps: its actions cannot be held for whole env steps")
+    return env_fps, env_fps // fps
+
+
+def main(argv: list[str]) -> None:
+    """`python -m lingbot.sim.lerobot_env MAX_STEPS ARGS...`: lerobot-eval with ARGS, every env's episode
+    cut at MAX_STEPS env steps (its own limit when that is shorter)."""
+    from lerobot.scripts import lerobot_eval
+
+    max_steps, make_env = int(argv[0]), lerobot_eval.make_env
+
+    def make_limited_env(*args, **kwargs):
+        envs = make_env(*args, **kwargs)
+        for group in envs.values():
+            for vec_env in group.values():
+                own = min(vec_env.get_attr("_max_episode_steps"))
+                vec_env.set_attr("_max_episode_steps", min(own, max_steps))
+        return envs
+
+    argv_before, sys.argv, lerobot_eval.make_env = sys.argv, ["lerobot-eval", *argv[1:]], make_limited_env
+    try:
+        lerobot_eval.main()
+    finally:
+        sys.argv, lerobot_eval.make_env = argv_before, make_env
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -38,6 +38,12 @@ class LingbotConfig(PreTrainedConfig):
     # bundle when the policy loads; any other value must equal it.
     chunk_size: int | None = None
 
+    # The env's control rate in Hz. The bundle acts at its dataset's fps: in an env that steps faster (a
+    # multiple of it), `select_action` holds each action for env_fps / fps steps and reads the frame at
+    # the bundle's rate, as the data was recorded (LeRobot's MetaWorld steps at 80 Hz; lingbot's MetaWorld
+    # data is 40 fps). None: one env step per bundle action.
+    env_fps: int | None = None
+
     # Real-time options (lingbot PolicyConfig); None keeps the bundle's. Env i of a batch uses seed + i.
     video_steps: int | None = None
     video_exec_step: int | None = None

@@ -80,6 +80,8 @@ class LingbotPolicy(PreTrainedPolicy):
         self._check_against_bundle(config)
         self.sessions: list = []  # one lingbot Session per env row of the batch
         self._episode_open = False
+        self._held: np.ndarray | None = None  # the actions being held (env_fps above the bundle's fps)
+        self._held_steps = 0  # env steps they have been held
 
     def _check_against_bundle(self, config: LingbotConfig) -> None:
         rt = self.runtime
@@ -92,6 +94,13 @@ class LingbotPolicy(PreTrainedPolicy):
         if action is not None and tuple(action.shape)[-1:] != (rt.layout.robot_dim,):
             raise LingbotError(f"lingbot policy: the env/dataset action has shape {tuple(action.shape)}, the "
                                f"bundle's robot has {rt.layout.robot_dim} action channels")
+        self.hold = 1
+        if config.env_fps is not None:
+            fps = int(rt.meta["fps"])
+            if config.env_fps < fps or config.env_fps % fps:
+                raise LingbotError(f"lingbot policy: env_fps {config.env_fps} is not a multiple of the bundle's "
+                                   f"{fps} fps (each action is held for whole env steps)")
+            self.hold = config.env_fps // fps
         unknown = sorted(set(config.camera_map) - set(rt.cameras))
         if unknown:
             raise LingbotError(f"lingbot policy: camera_map names {', '.join(unknown)}, not a camera of the bundle "
@@ -110,17 +119,23 @@ class LingbotPolicy(PreTrainedPolicy):
     def reset(self) -> None:
         """A new episode: every env's session restarts (cache, frames, chunk count) at the next step."""
         self._episode_open = False
+        self._held = None
 
     def select_action(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
-        """One action per env, (B, action_dim) in robot units; a new chunk every chunk_size steps."""
-        with outside_inference_mode():
-            frames = self._frames(batch)
-            sessions = self._sessions(batch, len(frames))
-            actions = np.stack([s.select_action(f) for s, f in zip(sessions, frames)])
-        return torch.from_numpy(actions).to(self.config.device)
+        """One action per env, (B, action_dim) in robot units; a new chunk every chunk_size bundle steps,
+        each bundle action held for env_fps / fps env steps (the frames in between are not read)."""
+        if self._held is None or self._held_steps == self.hold:
+            with outside_inference_mode():
+                frames = self._frames(batch)
+                sessions = self._sessions(batch, len(frames))
+                self._held = np.stack([s.select_action(f) for s, f in zip(sessions, frames)])
+            self._held_steps = 0
+        self._held_steps += 1
+        return torch.from_numpy(self._held).to(self.config.device)
 
     def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
-        """The next chunk per env, (B, chunk_size, action_dim) in robot units.
+        """The next chunk per env, (B, chunk_size, action_dim) in robot units, one action per bundle step
+        (each to be held for env_fps / fps env steps).
 
         The batch is a chunk boundary: the caller executes the whole chunk, then asks again with the
         frame that ends it (the session writes the executed chunk into its cache as it was returned).
