@@ -131,7 +131,7 @@ class LingbotPolicy(PreTrainedPolicy):
                 self._held = np.stack([s.select_action(f) for s, f in zip(sessions, frames)])
             self._held_steps = 0
         self._held_steps += 1
-        return torch.from_numpy(self._held).to(self.config.device)
+        return torch.from_numpy(self._held.copy()).to(self.config.device)  # a held action may be reused
 
     def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
         """The next chunk per env, (B, chunk_size, action_dim) in robot units, one action per bundle step
