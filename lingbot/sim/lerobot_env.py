@@ -101,11 +101,15 @@ def action_hold(bundle: Path, lerobot_env: str) -> tuple[int, int]:
     except KeyError:
         raise LingbotError(f"evaluate.lerobot_env: {lerobot_env!r} is not a lerobot.envs type "
                            f"({', '.join(sorted(EnvConfig.get_known_choices()))})") from None
-    fps = int(read_bundle(bundle)["fps"])
-    if env_fps % fps:
-        raise LingbotError(f"evaluate: LeRobot's {lerobot_env} env steps at {env_fps} Hz, not a multiple of "
-                           f"the bundle's {fps} fps: its actions cannot be held for whole env steps")
-    return env_fps, env_fps // fps
+    return env_fps, held_steps(env_fps, int(read_bundle(bundle)["fps"]), f"LeRobot's {lerobot_env} env")
+
+
+def held_steps(env_fps: int, fps: int, what: str) -> int:
+    """Env steps each bundle action is held for: `what` steps at env_fps, a whole multiple of `fps`."""
+    if env_fps < fps or env_fps % fps:
+        raise LingbotError(f"{what} steps at {env_fps} Hz, not a multiple of the bundle's {fps} fps: its "
+                           "actions cannot be held for whole env steps")
+    return env_fps // fps
 
 
 def main(argv: list[str]) -> None:

@@ -84,6 +84,8 @@ class LingbotPolicy(PreTrainedPolicy):
         self._held_steps = 0  # env steps they have been held
 
     def _check_against_bundle(self, config: LingbotConfig) -> None:
+        from lingbot.sim.lerobot_env import held_steps
+
         rt = self.runtime
         if config.chunk_size is None:
             config.chunk_size = rt.K
@@ -94,13 +96,8 @@ class LingbotPolicy(PreTrainedPolicy):
         if action is not None and tuple(action.shape)[-1:] != (rt.layout.robot_dim,):
             raise LingbotError(f"lingbot policy: the env/dataset action has shape {tuple(action.shape)}, the "
                                f"bundle's robot has {rt.layout.robot_dim} action channels")
-        self.hold = 1
-        if config.env_fps is not None:
-            fps = int(rt.meta["fps"])
-            if config.env_fps < fps or config.env_fps % fps:
-                raise LingbotError(f"lingbot policy: env_fps {config.env_fps} is not a multiple of the bundle's "
-                                   f"{fps} fps (each action is held for whole env steps)")
-            self.hold = config.env_fps // fps
+        self.hold = 1 if config.env_fps is None else held_steps(config.env_fps, int(rt.meta["fps"]),
+                                                                 "lingbot policy: env_fps: the env")
         unknown = sorted(set(config.camera_map) - set(rt.cameras))
         if unknown:
             raise LingbotError(f"lingbot policy: camera_map names {', '.join(unknown)}, not a camera of the bundle "
