@@ -142,3 +142,50 @@ def test_press_counter_reads_the_button_travel():
     obs[:3] = 0.2
     counter.update(obs)
     assert counter.success  # it stays a success once reached
+
+
+class _ExpertPolicy:
+    """The button-press-twice expert (made to press `presses` times) behind evaluate's policy interface.
+    The expert reads the full MetaWorld observation, so the test widens the evaluated state to all of it."""
+
+    cameras = ["observation.images.corner3"]
+    state_key = "observation.state"
+    meta = {"image_size": [32, 32], "fps": 40}
+
+    def __init__(self, presses: int):
+        self.presses = presses
+
+    def new_session(self, task, seed):
+        from lingbot.sim.metaworld import PressTwiceExpert
+
+        expert, latency_ms = PressTwiceExpert(self.presses), []
+
+        class Session:
+            def infer(self, observation):
+                if not latency_ms:
+                    expert.reset(observation["observation.state"])
+                latency_ms.append(0.0)
+                return expert.get_action(observation["observation.state"])[None]
+
+            def close(self):
+                pass
+
+        session = Session()
+        session.latency_ms = latency_ms
+        return session
+
+
+def test_evaluate_records_the_presses_of_a_memory_task(monkeypatch):
+    from lingbot.config import EvalConfig
+    from lingbot.sim import evaluate as sim_evaluate
+
+    monkeypatch.setattr(sim_evaluate, "STATE_DIM", 39)
+    cfg = EvalConfig(tasks=("button-press-twice",), max_steps=125)
+    results = [sim_evaluate.run_episode(_ExpertPolicy(presses), "button-press-twice", 3, cfg)
+               for presses in (1, 2, 3)]
+    assert [(r["presses"], r["success"]) for r in results] == [(1, False), (2, True), (3, False)]
+    summary = sim_evaluate.summarize(results + [dict(results[2], presses=5)], cfg.tasks)
+    assert [summary[f"button-press-twice/episodes_{n}_presses"] for n in range(4)] == [0, 1, 1, 2]
+    # Tasks without a press counter have no press metrics.
+    plain = [{k: v for k, v in r.items() if k != "presses"} | {"task": "drawer-open-v3"} for r in results]
+    assert not any("presses" in key for key in sim_evaluate.summarize(plain, ("drawer-open-v3",)))

@@ -6,14 +6,16 @@ chunk at the dataset's rate (sim steps per action = 80 Hz / fps), stop at succes
 
 Outputs (directory `out`)::
 
-    episodes.json          one record per episode: task, seed, success, length (a function of the
-                           bundle and the params: the same bytes on every run)
+    episodes.json          one record per episode: task, seed, success, length, and on a memory task
+                           the presses made (a function of the bundle and the params: the same bytes on
+                           every run)
     timings.json           per episode: per-chunk latency (ms) and wall time; these change every run,
                            so `.dvcignore` keeps them out of the stage's hashed output
     videos/<task>-<i>.mp4  real camera frames (top) over the model's imagined video (bottom), first camera
 
 Metrics (`summarize`): success rate with a 95% Wilson interval per task and overall, mean episode
-length, mean and p95 policy latency per chunk (the time a control loop waits for a chunk), and the
+length (on a memory task also the episodes by presses made, 0 to 3 or more: a failure at 1 press
+forgot or missed the second, one at 3 forgot the first), mean and p95 policy latency per chunk (the time a control loop waits for a chunk), and the
 achieved control frequency (executed steps per second of the rollout loop: sim, rendering and policy).
 """
 
@@ -80,6 +82,8 @@ def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = Fa
         wall = time.perf_counter() - start
         result = {"task": task, "seed": seed, "success": bool(success), "length": steps,
                   "latency_ms": [round(x, 3) for x in session.latency_ms], "wall_s": wall}
+        if env.counter is not None:  # a memory task: how far the policy got tells forgetting from missing
+            result["presses"] = env.counter.presses
         if record:
             result["frames"] = np.stack(frames)
             result["imagined"] = [session.real_latents[0]] + list(session.imagined_latents)
@@ -181,8 +185,13 @@ def summarize(results: list[dict], tasks: tuple[str, ...]) -> dict:
     def block(rows: list[dict]) -> dict:
         wins = sum(r["success"] for r in rows)
         low, high = wilson_interval(wins, len(rows))
-        return {"success_rate": wins / len(rows), "success_ci_low": round(low, 4), "success_ci_high": round(high, 4),
-                "episodes": len(rows), "mean_episode_length": float(np.mean([r["length"] for r in rows]))}
+        metrics = {"success_rate": wins / len(rows), "success_ci_low": round(low, 4),
+                   "success_ci_high": round(high, 4), "episodes": len(rows),
+                   "mean_episode_length": float(np.mean([r["length"] for r in rows]))}
+        if rows and all("presses" in r for r in rows):  # memory task: episodes by presses made (3: 3 or more)
+            for n in range(4):
+                metrics[f"episodes_{n}_presses"] = sum(min(r["presses"], 3) == n for r in rows)
+        return metrics
 
     latencies = np.array([x for r in results for x in r["latency_ms"]])
     summary = block(results) | {
