@@ -144,9 +144,28 @@ def test_press_counter_reads_the_button_travel():
     assert counter.success  # it stays a success once reached
 
 
+class _ExpertSession:
+    """The button-press-twice expert (made to press `presses` times) as an evaluate policy session."""
+
+    def __init__(self, presses: int):
+        from lingbot.sim.metaworld import PressTwiceExpert
+
+        self.expert, self.latency_ms = PressTwiceExpert(presses), []
+
+    def infer(self, observation):
+        state = observation["observation.state"]
+        if not self.latency_ms:
+            self.expert.reset(state)
+        self.latency_ms.append(0.0)
+        return self.expert.get_action(state)[None]
+
+    def close(self):
+        pass
+
+
 class _ExpertPolicy:
-    """The button-press-twice expert (made to press `presses` times) behind evaluate's policy interface.
-    The expert reads the full MetaWorld observation, so the test widens the evaluated state to all of it."""
+    """The expert behind evaluate's policy interface. It reads the full MetaWorld observation, so the
+    test widens the evaluated state to all of it."""
 
     cameras = ["observation.images.corner3"]
     state_key = "observation.state"
@@ -156,23 +175,7 @@ class _ExpertPolicy:
         self.presses = presses
 
     def new_session(self, task, seed):
-        from lingbot.sim.metaworld import PressTwiceExpert
-
-        expert, latency_ms = PressTwiceExpert(self.presses), []
-
-        class Session:
-            def infer(self, observation):
-                if not latency_ms:
-                    expert.reset(observation["observation.state"])
-                latency_ms.append(0.0)
-                return expert.get_action(observation["observation.state"])[None]
-
-            def close(self):
-                pass
-
-        session = Session()
-        session.latency_ms = latency_ms
-        return session
+        return _ExpertSession(self.presses)
 
 
 def test_evaluate_records_the_presses_of_a_memory_task(monkeypatch):

@@ -15,8 +15,9 @@ Outputs (directory `out`)::
 
 Metrics (`summarize`): success rate with a 95% Wilson interval per task and overall, mean episode
 length (on a memory task also the episodes by presses made, 0 to 3 or more: a failure at 1 press
-forgot or missed the second, one at 3 forgot the first), mean and p95 policy latency per chunk (the time a control loop waits for a chunk), and the
-achieved control frequency (executed steps per second of the rollout loop: sim, rendering and policy).
+forgot or missed the second, one at 3 forgot the first), mean and p95 policy latency per chunk (the
+time a control loop waits for a chunk), and the achieved control frequency (executed steps per second
+of the rollout loop: sim, rendering and policy).
 """
 
 from __future__ import annotations
