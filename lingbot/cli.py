@@ -37,7 +37,8 @@ def _print_json(data: dict) -> None:
 
 def _write_metrics(args, data: dict) -> None:
     """Numbers (and flags) only: the DVC metrics file of the stage, what the run computed, and beside it
-    (`timings_path`, kept in git but not by DVC) how long it took. So `dvc.lock` records only results:
+    (`timings_path`, kept in git but not by DVC) how long it took and on what machine (`data["machine"]`,
+    `lingbot.hardware.run_record`). So `dvc.lock` records only results:
     the same params and code give the same lock file."""
     if getattr(args, "metrics", None):
         from lingbot.fsutil import is_timing, timings_path, write_json
@@ -46,6 +47,9 @@ def _write_metrics(args, data: dict) -> None:
         write_json(Path(args.metrics), {k: v for k, v in numbers.items() if not is_timing(k)})
         timings = {k: v for k, v in numbers.items() if is_timing(k)}
         if timings:
+            # The machine (precision, CPU ISA or GPU, torch) the times were measured on, beside them.
+            if isinstance(data.get("machine"), dict):
+                timings["machine"] = data["machine"]
             write_json(timings_path(Path(args.metrics)), timings)
 
 
@@ -156,6 +160,9 @@ def cmd_cache_latents(args) -> int:
     else:
         report = build_cache(Path(args.demos), Path(args.vae), Path(args.out), cfg, shard=(index, count),
                              rebuild=args.rebuild, progress=not args.quiet)
+    from lingbot.hardware import run_record
+
+    report["machine"] = run_record("cpu", "fp32")  # the VAE encodes on the CPU, in fp32
     _write_metrics(args, report)
     _print_json(report)
     return 0
@@ -199,7 +206,7 @@ def cmd_serve(args) -> int:
 
         policy = Path(args.release_dir or Path.home() / ".cache" / "lingbot" / "releases" / args.policy.replace("@", "/"))
         pull(args.policy, policy, local_hub=args.local_hub and Path(args.local_hub))
-    report = serve(policy, args.host, args.port, device=args.device,
+    report = serve(policy, args.host, args.port, device=args.device, dtype=args.dtype,
                    max_message_bytes=args.max_message_bytes, on_ready=ready)
     _print_json(report)
     return 0
@@ -262,6 +269,9 @@ def cmd_evaluate(args) -> int:
         write_plots(summary, results, cfg.tasks if cfg.env != "offline" else (), Path(args.tasks_tsv),
                     Path(args.latency_tsv), Path(args.error_tsv) if args.error_tsv else None,
                     metaworld=cfg.env == "metaworld")
+    from lingbot.hardware import run_record
+
+    summary["machine"] = run_record("cpu", "fp32")  # rollout workers load the policy on the CPU, in fp32
     _write_metrics(args, summary)
     if cfg.env != "offline":
         for task in cfg.tasks:
@@ -396,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--device", default="cpu", help="torch device of the policy (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="world-model weights: auto is bf16 on a GPU with native bf16, fp32 on CPUs")
     p.add_argument("--max-message-bytes", type=int, dest="max_message_bytes", default=16 * 2**20,
                    help="larger client messages get an error reply (default 16 MiB)")
     p.set_defaults(func=cmd_serve)
@@ -440,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
-    p.add_argument("what", choices=["data", "latents", "train", "realtime", "bc", "seeds", "peers"],
+    p.add_argument("what", choices=["data", "latents", "vae", "train", "realtime", "bc", "seeds", "peers"],
                    help="bc: plain image behaviour cloning against the world model, per target and chain seed, on "
                         "the same demos and held-out episodes (the quality table); seeds: "
                         "the run's training recipe (pretrain..evaluate) on several chain seeds; peers: "
@@ -459,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "params'; bench bc: comma-separated such targets")
     p.add_argument("--demos", type=int, help="bench seeds / bc / peers: fine-tune on the target's first N training "
                                             "demos (default: the params' finetune.max_episodes_per_task)")
-    p.add_argument("--steps", type=int, help="bench train: timed steps (10); bench bc: training steps")
+    p.add_argument("--steps", type=int, help="bench train: timed steps (10); bench vae: (4); bench bc: training steps")
     p.add_argument("--episodes", type=int, help="episodes per task (data, latents: 4; bc, seeds: the params' evaluation)")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_bench)

@@ -104,7 +104,10 @@ class VAEConfig:
     # FOREGROUND_SCALE or more (0: off). The table and walls are the same in every frame and take most
     # of a plain loss; what a task is about (the arm, a puck, a goal marker, a handle) moves between frames.
     foreground_weight: float = 0.0
-    bf16: bool = True  # bf16 autocast in training (CPU with AVX512-BF16, or GPU)
+    # Training's arithmetic (lingbot/hardware.py): "auto" autocasts to bf16 where the hardware has it
+    # (AVX512-BF16/AMX CPUs, CUDA: 1.2x faster steps here) and runs fp32 elsewhere (emulated bf16 is
+    # ~44x slower); "bf16" or "fp32" force it. Scoring and the latent statistics are always fp32.
+    precision: str = "auto"
     seed: int = 0
     eval_episodes: int = 8  # held-out episodes scored for PSNR/SSIM
 
@@ -188,7 +191,12 @@ class TrainConfig:
     tasks: tuple[str, ...] = ()  # task strings to train on; empty = all in the cache
     max_episodes_per_task: int = 0  # 0 = all (finetune: the few-demo budget)
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile each MoT layer (after checkpointing, before sharding)
+    # The forward and loss's arithmetic (lingbot/hardware.py): "auto" autocasts to bf16 on CUDA GPUs
+    # that have it and runs fp32 on every CPU: with native bf16 (AVX512-BF16) the small world model's
+    # step was 1.0x (4 chunks) to 1.15x (6 chunks) faster in bf16, not worth floats that differ from
+    # every other CPU's; "bf16" or "fp32" force it.
+    precision: str = "auto"
     # Under torchrun: "ddp" replicates the model on every process; "fsdp" shards parameters, gradients
     # and optimizer state over them (FSDP2), for models whose training state outgrows one device (paper).
     parallel: str = "ddp"

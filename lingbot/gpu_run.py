@@ -135,9 +135,7 @@ GPU_OVERRIDES = {
     "pretrain": {"batch_size": 32, "lr": 3e-4, "warmup": 20, "checkpoint_every": 100000},
     "finetune": {"batch_size": 32, "lr": 1e-4, "warmup": 10, "checkpoint_every": 100000},
 }
-CPU_OVERRIDES = {
-    # bf16 autocast is 15x slower than fp32 on a CPU without AVX512-BF16 (this one): tiny shapes, fp32.
-    "vae": {"bf16": False},
+CPU_OVERRIDES = {  # the precision follows the hardware (lingbot/hardware.py): fp32 on a CPU without bf16
     "pretrain": {"warmup": 2, "checkpoint_every": 100000},
     "finetune": {"warmup": 2, "checkpoint_every": 100000},
 }
@@ -712,6 +710,7 @@ def step_vae(result: StepResult, args, prepared: dict) -> None:
     """A VAE fit on the carried frames for a fixed time: steps set from a measured step time."""
     import torch
 
+    from lingbot.hardware import resolve_precision
     from lingbot.vae import fit
     from lingbot.vae.wan import build_vae
 
@@ -733,18 +732,20 @@ def step_vae(result: StepResult, args, prepared: dict) -> None:
     clips = pack.load_frames(layout, manifest["keys"]["cameras"], split["train"])
     vae = build_vae(cfg).to(device)
     warm, timed = (1, 1) if args.cpu else (3, 10)
-    fit.train(vae, clips, dataclasses.replace(cfg, steps=warm), progress=False)
+    precision = resolve_precision(cfg.precision, device, "fit_vae")  # as fit_vae resolves it
+    fit.train(vae, clips, dataclasses.replace(cfg, steps=warm), progress=False, precision=precision)
     t1 = time.perf_counter()
-    fit.train(vae, clips, dataclasses.replace(cfg, steps=timed), progress=False)
+    fit.train(vae, clips, dataclasses.replace(cfg, steps=timed), progress=False, precision=precision)
     per_step = (time.perf_counter() - t1) / timed
     reserve = 5 if args.cpu else 20  # held-out scoring, latent statistics, save
     steps = max(1, int((args.seconds - (time.perf_counter() - t0) - reserve) / per_step))
     if args.cpu:  # a loaded 2-core CPU's step times are noise: the path is exercised, not the budget
         steps = min(steps, 3)
     result.update(seconds_per_step=round(per_step, 4), steps_planned=steps)
-    report = fit.fit_vae(dataclasses.replace(cfg, steps=steps), demos, work / "vae", progress=False)
+    report = fit.fit_vae(dataclasses.replace(cfg, steps=steps), demos, work / "vae", progress=False,
+                         device=device, frames=pack.load_frames)
     result.update(**{k: report[k] for k in ("psnr_db", "ssim", "eval_frames", "params", "z_dim", "steps",
-                                            "train_clips")},
+                                            "train_clips", "machine")},
                   fit_seconds=report["seconds"], reached_28db=report["psnr_db"] >= 28.0)
 
 
@@ -752,7 +753,7 @@ def load_policy_cuda(path):
     """`evaluate`'s loader for a world-model bundle on the GPU (module level: worker processes import it)."""
     from lingbot.policy.runtime import load_policy
 
-    return load_policy(path, device="cuda")
+    return load_policy(path, device="cuda", dtype="auto")  # bf16 weights where the GPU has bf16, as served
 
 
 def train_bc_on(data: dict, cfg, device, progress: bool = False):

@@ -41,7 +41,7 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(tiny_bundle, hist
     assert session.chunk == chunks
     # The newest chunk of the cached session, again without any cache (window as the ring's).
     actions, imagined = recompute_chunk(session, chunks)
-    assert np.abs(actions - session.executing).max() <= 1e-4
+    assert np.abs(actions.numpy() - session.executing).max() <= 1e-4
     assert (imagined[0] - session.imagined_latents[-1]).abs().max().item() <= 1e-4
     if history_chunks:  # the ring window keeps the cache bounded
         assert session.cache.block.min().item() > 2 * (chunks - history_chunks) - 2
@@ -104,7 +104,7 @@ def test_ablation_bundles_act_and_a_bidirectional_one_recomputes_its_window(abla
     if policy.model.cfg.attention == "bidirectional":
         assert len(session.cache) == 0  # no KV cache: each chunk recomputed the last history_chunks
         actions, _ = recompute_chunk(session, 4, last=2)
-        assert np.abs(actions - session.executing).max() <= 1e-5
+        assert np.abs(actions.numpy() - session.executing).max() <= 1e-5
     else:
         assert all(float(x.abs().max()) == 0 for x in session.imagined_latents)  # nothing imagined
     with pytest.raises(Exception, match="asynchronous"):

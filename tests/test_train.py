@@ -193,3 +193,68 @@ def test_a_robot_the_model_cannot_hold_is_one_error_naming_the_param(latent_cach
     with pytest.raises(LingbotError, match=message):
         train(CFG, model, latent_cache, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_each_process_loads_only_its_rows_of_the_global_batch(latent_cache):
+    """A process's batch is its rows of the one-process batch (the same windows, the same draws); the noise
+    of the global batch is drawn once and sliced. The 2-process DDP/FSDP runs above check the whole loop."""
+    from lingbot.data.latents import LatentWindows
+    from lingbot.model.world_model import draw_noise
+    from lingbot.train.loop import StepSampler, rank_rows, select_episodes
+
+    data = LatentWindows(latent_cache)
+    sampler = StepSampler(data, CFG, select_episodes(data.manifest, CFG))
+    whole = sampler.batch(5)
+    assert [rank_rows(r, 2, CFG.batch_size) for r in (0, 1)] == [slice(0, 2), slice(2, 4)]
+    for rank in (0, 1):
+        rows = rank_rows(rank, 2, CFG.batch_size)
+        mine = sampler.batch(5, rows=rows)
+        assert len(mine["video"]) == 2
+        assert all(torch.equal(mine[k], whole[k][rows]) for k in whole)
+        sliced = draw_noise(mine, 16, 3.0, 0.5, torch.Generator().manual_seed(1), 0.5, batch_size=CFG.batch_size)
+        full = draw_noise(whole, 16, 3.0, 0.5, torch.Generator().manual_seed(1), 0.5)
+        assert all(torch.equal(sliced[k][rows], full[k][rows]) for k in full)
+
+
+def test_checkpointed_and_compiled_layers_keep_names_keywords_and_results(latent_cache, tmp_path):
+    """Activation checkpointing and per-layer compile change neither the parameter names (one checkpoint
+    format) nor what a layer computes, in training and in the KV-cache step (keyword arguments reach the
+    layer), at two window lengths (one graph for both: dynamic after the second)."""
+    from lingbot.model.world_model import KVCache, WorldModel
+    from lingbot.train.loop import apply_activation_checkpointing, compile_layers
+
+    def model():
+        torch.manual_seed(0)
+        m = WorldModel(preset("tiny").model, cameras=2)
+        torch.nn.init.normal_(m.video_out.weight, std=0.5)
+        torch.nn.init.normal_(m.action_out.weight, std=0.5)
+        return m
+
+    plain, wrapped = model(), model()
+    apply_activation_checkpointing(wrapped)
+    compile_layers(wrapped, backend="eager")
+    assert list(plain.state_dict()) == list(wrapped.state_dict())
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3):
+        x = [torch.randn(1, n, 2, 4, 4, 4, generator=g), torch.randn(1, n, 2, 4, 4, 4, generator=g),
+             torch.randn(1, n, 4, 16, generator=g), torch.randn(1, n, 4, 16, generator=g), torch.rand(1, n, generator=g),
+             torch.rand(1, n, generator=g), torch.zeros(1, n), torch.randn(1, 1, 384, generator=g),
+             torch.randn(1, n, 16, generator=g)]
+        expected, got = plain(*x), wrapped(*x)
+        got[1].sum().backward()  # recomputed in the backward
+        for a, b in zip(expected, got):
+            torch.testing.assert_close(a, b)
+    text = torch.randn(1, 1, 384, generator=g)
+    video = torch.randn(1, 2, 4, 4, 4, generator=g)
+    with torch.no_grad():
+        outs = [m.step(KVCache(m.cfg.depth), 0, m.encode_text(text), video=video, t_video=torch.zeros(1), clean=True)[0]
+                for m in (plain, wrapped)]
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_checkpoints_record_the_precision_and_machine_they_trained_on(latent_cache, tmp_path):
+    from lingbot.hardware import run_record
+
+    report = train(dataclasses.replace(CFG, steps=1), preset("tiny").model, latent_cache, tmp_path, progress=False)
+    trainer = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())
+    assert trainer["machine"] == report["machine"] == run_record("cpu", "fp32")  # CPUs train in fp32 (auto)

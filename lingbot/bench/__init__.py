@@ -1,6 +1,8 @@
 """Benchmarks: `lingbot bench WHAT` prints a table, then one JSON object as its last line.
 
-`speed`: data, latents, train, realtime. `quality`: bc, seeds, peers (on a `dvc repro` run's data).
+`speed`: data, latents, vae, train, realtime. `quality`: bc, seeds, peers (on a `dvc repro` run's data).
+Every result carries the machine it ran on (`lingbot.hardware.machine`: the CPU kernels' ISA, the GPU,
+torch) and the precision it computed in.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import json
 from pathlib import Path
 
 from lingbot.bench.quality import bench_bc, bench_peers, bench_seeds
-from lingbot.bench.speed import bench_data, bench_latents, bench_realtime, bench_train
+from lingbot.bench.speed import bench_data, bench_latents, bench_realtime, bench_train, bench_vae
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -24,6 +26,8 @@ def run(what: str, args) -> int:
         result = bench_latents(args.episodes or 4, args.workers)
     elif what == "train":
         result = bench_train(args.preset, args.steps or 10)
+    elif what == "vae":
+        result = bench_vae(args.steps or 4)
     elif what == "bc":
         result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers,
                           [int(v) for v in (args.seeds or "0").split(",")],
@@ -40,6 +44,18 @@ def run(what: str, args) -> int:
                              args.target, demos=args.demos)
     else:  # argparse restricts the choices; kept for direct callers
         raise ValueError(f"unknown benchmark {what!r}")
+    result = with_machine(result)
     print(_table([(k, v) for k, v in result.items() if not isinstance(v, (list, dict))]))
     print(json.dumps(result))
     return 0
+
+
+def with_machine(result: dict) -> dict:
+    """`result` with the machine it ran on (CPU ISA, GPU, torch) and its precision (fp32 unless it says)."""
+    import torch
+
+    from lingbot.hardware import machine
+
+    record = machine("cuda" if torch.cuda.is_available() else "cpu")
+    record.pop("device")  # a benchmark's own "device" names the GPU or the CPU
+    return {**result, "precision": result.get("precision", "fp32"), **record}

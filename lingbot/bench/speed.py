@@ -151,7 +151,8 @@ def bench_latents(episodes: int, workers: int) -> dict:
 
 def train_throughput(run_cfg, batch: int, steps: int, device, latent_hw: int = 8, cameras: int = 2) -> dict:
     """Teacher-forced training steps of `run_cfg`'s world model at batch size `batch` on synthetic latents
-    of the cache's shapes, bf16 autocast on CUDA, fp32 on a CPU. `bench train` and the GPU run share it."""
+    of the cache's shapes, in the precision `train` resolves (bf16 autocast on a CUDA GPU with bf16, fp32
+    on a CPU). `bench train` and the GPU run share it."""
     import torch
 
     from lingbot.model.world_model import WorldModel, count_parameters, draw_noise, flow_matching_loss
@@ -172,11 +173,13 @@ def train_throughput(run_cfg, batch: int, steps: int, device, latent_hw: int = 8
         "start_state": torch.rand(B, n, 4, generator=g) * 2 - 1,
     }
     data = {k: v.to(device) for k, v in data.items()}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    from lingbot.hardware import autocast as precision_autocast, resolve_precision
+
+    precision = resolve_precision(tcfg.precision, device, "train", cpu_bf16=False)  # as `train` resolves it
 
     def step(i):
         noise = draw_noise(data, cfg.action_channels, tcfg.shift, tcfg.history_noise_p, torch.Generator().manual_seed(i))
-        with autocast:
+        with precision_autocast(device, precision):
             loss = flow_matching_loss(model, data, noise, 7)["loss"]
         loss.backward()
         opt.step()
@@ -201,7 +204,8 @@ def train_throughput(run_cfg, batch: int, steps: int, device, latent_hw: int = 8
     flops = 6 * (counts["video"] * 2 * n * Tv + counts["action"] * 2 * n * K)
     flops += 3 * 4 * seq * seq * cfg.heads * cfg.head_dim * cfg.depth
     samples_per_s = B * steps / elapsed
-    result = {"batch_size": B, "chunks": n, "tokens_per_sample": seq, "params_video": counts["video"],
+    result = {"precision": precision, "batch_size": B, "chunks": n, "tokens_per_sample": seq,
+              "params_video": counts["video"],
               "params_action": counts["action"], "step_ms": round(1000 * elapsed / steps, 2),
               "samples_per_s": round(samples_per_s, 2), "tokens_per_s": round(samples_per_s * seq, 1),
               "tflops": round(samples_per_s * flops / 1e12, 4)}
@@ -333,7 +337,7 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
         if head is not None:
             torch.nn.init.normal_(head.weight, std=0.02)
     K, longest = model.K, max(histories)
-    result = {"bench": "realtime", "preset": preset_name,
+    result = {"bench": "realtime", "preset": preset_name, "precision": "fp32",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "video_steps": cfg.video_steps, "video_exec_step": cfg.video_exec_step,
               "action_steps": cfg.action_steps, "tokens_per_chunk": cameras * (latent_hw // 2) ** 2 + K}
@@ -345,4 +349,35 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
     result["recompute_over_cached"] = round(result[f"recompute_latency_ms_hist{longest}"] / hl, 2)
     chunk_s = K / 40  # the embedded default records at 40 Hz
     result["realtime_factor_at_40hz"] = round(1000 * chunk_s / hl, 2)
+    return result
+
+
+def bench_vae(steps: int = 4, image_size: int = 64) -> dict:
+    """The VAE's training step (the small preset's config, one camera's clips at `image_size`) in each
+    precision this machine can run, and the one `fit_vae` picks (`vae.precision: auto`): where bf16 is
+    emulated it is many times slower than fp32 (the ISA caps ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA
+    rehearse such a CPU)."""
+    import numpy as np
+    import torch
+
+    from lingbot.config import preset
+    from lingbot.hardware import native_bf16, resolve_precision
+    from lingbot.vae.fit import train
+    from lingbot.vae.wan import build_vae
+
+    cfg = dataclasses.replace(preset("small").vae, steps=1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 256, (cfg.clip_frames + 8, image_size, image_size, 3), dtype=np.uint8) for _ in range(4)]
+    result = {"bench": "vae", "image_size": image_size, "clip_frames": cfg.clip_frames, "batch_size": cfg.batch_size,
+              "native_bf16": native_bf16(device)[0], "precision": resolve_precision(cfg.precision, device, "fit_vae")}
+    for precision in ("fp32", "bf16"):
+        vae = build_vae(cfg).to(device)
+        train(vae, clips, cfg, progress=False, precision=precision)  # warm-up: oneDNN picks its kernels
+        t0 = time.perf_counter()
+        train(vae, clips, dataclasses.replace(cfg, steps=steps), progress=False, precision=precision)
+        result[f"step_s_{precision}"] = round((time.perf_counter() - t0) / steps, 3)
+    result["bf16_over_fp32"] = round(result["step_s_bf16"] / result["step_s_fp32"], 2)
+    result["step_s_auto"] = result[f"step_s_{result['precision']}"]
+    result["fit_vae_1400_steps_min"] = round(1400 * result["step_s_auto"] / 60, 1)
     return result

@@ -100,7 +100,7 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) 
     split = [pairs - 2 * (pairs // 3), pairs // 3, pairs // 3]
     out = []
     for axis, n in enumerate(split):
-        freqs = 1.0 / theta ** (torch.arange(n, dtype=torch.float64) / max(n, 1))
+        freqs = 1.0 / theta ** (torch.arange(n, dtype=torch.float64, device=positions.device) / max(n, 1))
         out.append(positions[:, axis : axis + 1].double() * freqs[None, :])
     return torch.cat(out, dim=1).float()
 
@@ -225,10 +225,19 @@ class KVCache:
     attends to a view, instead of copying the whole history every call.
     """
 
+    MEMO_SIZE = 16  # a chunk's steps use ~4 distinct (tokens, mask) plans
+
     def __init__(self, depth: int):
         self.depth = depth
         self.buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * depth
-        self.block = torch.zeros(0, dtype=torch.long)
+        self.block = torch.zeros(0, dtype=torch.long)  # on the CPU: masks are planned on the host
+        self.memo: dict = {}  # the model's per-step plans (layout, angles, masks) on the device
+
+    def remember(self, key, value) -> None:
+        """Keep a step plan; the oldest goes when there are MEMO_SIZE."""
+        if len(self.memo) >= self.MEMO_SIZE:
+            self.memo.pop(next(iter(self.memo)))
+        self.memo[key] = value
 
     def __len__(self) -> int:
         return len(self.block)
@@ -415,6 +424,43 @@ class WorldModel(nn.Module):
         v_video, v_action = v_video.view(B, n, Tv, -1), v_action.view(B, n, K, -1)
         return self.unpatchify(v_video, h, w), v_action
 
+    # -- incremental steps ---------------------------------------------------------------------------
+    # A chunk takes ~20 steps (video and action denoising, writing history) with the same tokens against
+    # the same cache: their layout, RoPE angles and mask are built once, on the device, and reused
+    # (`KVCache.memo`), so a denoising step makes no host-device copy and no synchronisation.
+
+    def _step_tokens(self, cache, chunk: int, h: int, w: int, dev, has_video: bool, has_action: bool):
+        """(layout on the device, new tokens' block ids (CPU), RoPE angles of the video and action
+        tokens (device)) of a step over chunk `chunk`'s video and/or action tokens."""
+        key = ("tokens", chunk, h, w, has_video, has_action, str(dev))
+        if key not in cache.memo:
+            lay = self.layout(1, h, w, dev, first=chunk)
+            ph, pw = self.cfg.patch
+            tv = self.cameras * (h // ph) * (w // pw) if has_video else 0
+            new_block = torch.cat([torch.full((tv,), 2 * chunk, dtype=torch.long),
+                                   torch.full((self.K if has_action else 0,), 2 * chunk + 1, dtype=torch.long)])
+            empty = torch.zeros(0, 3, device=dev)
+            angles_v = rope_angles(lay["video_pos"] if has_video else empty, self.cfg.head_dim)
+            angles_a = rope_angles(lay["action_pos"] if has_action else empty, self.cfg.head_dim)
+            cache.remember(key, (lay, new_block, angles_v, angles_a))
+        return cache.memo[key]
+
+    def _step_mask(self, cache, chunk: int, new_block: torch.Tensor, clean: bool, window_chunks: int, dev):
+        """The step's (new tokens, cache + new tokens) mask from `attention_mask` on the device, or None when
+        every key is visible. It depends on the blocks relative to the chunk only: the steady state of a
+        ring window reuses one mask chunk after chunk."""
+        offset = 2 * chunk
+        key = ("mask", clean, window_chunks, str(dev), (cache.block - offset).numpy().tobytes(),
+               (new_block - offset).numpy().tobytes())
+        if key not in cache.memo:
+            block = torch.cat([cache.block, new_block])
+            flags = torch.cat([torch.ones(len(cache), dtype=torch.bool),
+                               torch.full_like(new_block, clean, dtype=torch.bool)])
+            mask = attention_mask(block, flags, 2 * window_chunks, new_block, flags[len(cache):],
+                                  video_prediction=self.cfg.video_prediction)
+            cache.remember(key, None if bool(mask.all()) else mask.to(dev))
+        return cache.memo[key]
+
     def step(self, cache: KVCache, chunk: int, text: torch.Tensor, video=None, t_video=None, action=None,
              t_action=None, clean: bool = False, window_chunks: int = 0, state=None):
         """One incremental pass over tokens of chunk `chunk` against the cached history (inference).
@@ -429,31 +475,21 @@ class WorldModel(nn.Module):
         dev = text.device
         B = text.shape[0]
         h, w = video.shape[-2:] if video is not None else self.cfg.patch
-        lay = self.layout(1, h, w, dev, first=chunk)
+        if self.cfg.attention != "causal":
+            raise ValueError("a bidirectional model has no incremental step: recompute the window (forward)")
+        lay, new_block, angles_v, angles_a = self._step_tokens(cache, chunk, h, w, dev, video is not None,
+                                                               action is not None)
+        mask = self._step_mask(cache, chunk, new_block, clean, window_chunks, dev)
         Dv, Da = self.cfg.video_width, self.cfg.action_width
         if video is not None:
             xv, emb_v, mod_v = self._video_tokens(video[:, None], t_video[:, None], lay)
-            pos_v, blk_v = lay["video_pos"], lay["video_block"]
         else:
             xv, emb_v, mod_v = (torch.zeros(B, 0, *s, device=dev) for s in ((Dv,), (Dv,), (6, Dv)))
-            pos_v, blk_v = torch.zeros(0, 3, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
         if action is not None:
             xa, emb_a, mod_a = self._action_tokens(action[:, None], t_action[:, None],
                                                    None if state is None else state[:, None])
-            pos_a, blk_a = lay["action_pos"], lay["action_block"]
         else:
             xa, emb_a, mod_a = (torch.zeros(B, 0, *s, device=dev) for s in ((Da,), (Da,), (6, Da)))
-            pos_a, blk_a = torch.zeros(0, 3, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
-        new_block = torch.cat([blk_v, blk_a]).cpu()
-        block = torch.cat([cache.block, new_block])
-        flags = torch.cat([torch.ones(len(cache), dtype=torch.bool), torch.full_like(new_block, clean, dtype=torch.bool)])
-        if self.cfg.attention != "causal":
-            raise ValueError("a bidirectional model has no incremental step: recompute the window (forward)")
-        mask = attention_mask(block, flags, 2 * window_chunks, new_block, flags[len(cache):],
-                              video_prediction=self.cfg.video_prediction)
-        mask = None if bool(mask.all()) else mask.to(dev)
-        angles_v = rope_angles(pos_v, self.cfg.head_dim).to(dev)
-        angles_a = rope_angles(pos_a, self.cfg.head_dim).to(dev)
         for i, layer in enumerate(self.layers):
             xv, xa = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text, cache=cache, index=i)
         if clean:
@@ -501,23 +537,25 @@ def sample_times(shape, shift: float, generator=None, device=None) -> torch.Tens
 
 def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p: float,
                generator: torch.Generator | None = None, chunk_noise_p: float = 0.0,
-               chunk_noise_max: float = 1.0) -> dict:
-    """Every random draw of one teacher-forced step, for the whole (global) batch.
+               chunk_noise_max: float = 1.0, batch_size: int | None = None) -> dict:
+    """Every random draw of one teacher-forced step, for the whole (global) batch, on the CPU.
 
     Drawn apart from the loss so that data-parallel ranks can draw the global batch's noise from one
     seeded generator and each take its own rows: N processes then compute exactly what one would.
+    `batch_size`: the global batch's rows when `batch` holds only this process's (default: its own).
     """
     video, actions = batch["video"], batch["actions"]
-    B, n = video.shape[:2]
+    B, n = batch_size or video.shape[0], video.shape[1]
     g = generator
-    action_shape = (*actions.shape[:-1], action_channels)
+    video_shape = (B, *video.shape[1:])
+    action_shape = (B, *actions.shape[1:-1], action_channels)
     return {
         "t_video": sample_times((B, n), shift, g),
         "t_action": sample_times((B, n), shift, g),
-        "eps_video": torch.randn(video.shape, generator=g),
+        "eps_video": torch.randn(video_shape, generator=g),
         "eps_action": torch.randn(action_shape, generator=g),
         "history": (torch.rand(B, generator=g) < history_noise_p) * torch.rand(B, generator=g) * 0.5,
-        "eps_history": torch.randn(video.shape, generator=g),
+        "eps_history": torch.randn(video_shape, generator=g),
         # drawn last: the draws above are the same with or without per-chunk noise
         "chunk_history": (torch.rand(B, n, generator=g) < chunk_noise_p) * torch.rand(B, n, generator=g)
         * chunk_noise_max,
@@ -540,9 +578,12 @@ class FlowSampler:
     too, from the first step to the last.
     """
 
-    def __init__(self, steps: int, shift: float, live: int | None = None):
+    def __init__(self, steps: int, shift: float, live: int | None = None, device=None):
         u = torch.linspace(1.0, 0.0, steps + 1)
-        self.times = shift * u / (1 + (shift - 1) * u)  # (steps + 1,)
+        self.times = shift * u / (1 + (shift - 1) * u)  # (steps + 1,), on the CPU: the step sizes
+        # One copy to the device per sampler; a step then sends nothing (`t` slices it, `step` multiplies
+        # by a Python float: the same float32 value the CPU tensor holds).
+        self.device_times = self.times.to(device) if device is not None else self.times
         self.live = live
 
     def _live_only(self, x: torch.Tensor) -> torch.Tensor:
@@ -554,13 +595,17 @@ class FlowSampler:
         """The sample at t = 1: the noise, padding channels at 0."""
         return self._live_only(noise)
 
-    def t(self, i: int, device=None) -> torch.Tensor:
-        """(1,) flow time before step i (i = steps: where the sampler ends)."""
-        return self.times[i : i + 1].to(device)
+    def t(self, i: int) -> torch.Tensor:
+        """(1,) flow time before step i (i = steps: where the sampler ends), on the sampler's device."""
+        return self.device_times[i : i + 1]
+
+    def level(self, i: int) -> float:
+        """The flow time before step i as a number (no device involved)."""
+        return float(self.times[i])
 
     def step(self, x: torch.Tensor, velocity: torch.Tensor, i: int) -> torch.Tensor:
         """Euler step i: x at t_i -> x at t_{i+1}."""
-        return self._live_only(x + (self.times[i + 1] - self.times[i]).to(x.device) * velocity)
+        return self._live_only(x + float(self.times[i + 1] - self.times[i]) * velocity)
 
 
 def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_channels_used: int,

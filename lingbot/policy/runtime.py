@@ -52,16 +52,17 @@ def chunk_noise(generator: torch.Generator, latent_shape, K: int, action_channel
     return x, a, r
 
 
-def imagined_history(x: torch.Tensor, level: torch.Tensor, cfg: PolicyConfig, renoise: torch.Tensor | None):
+def imagined_history(x: torch.Tensor, level: float, cfg: PolicyConfig, renoise: torch.Tensor | None):
     """The imagined latent x (at flow time `level`) as the actions will read it: re-noised to
-    `cfg.imagined_noise` when that is higher (x must then be fully denoised). Returns (latent, level)."""
-    if cfg.imagined_noise <= float(level):
-        return x, level
-    if float(level) > 0 or renoise is None:
+    `cfg.imagined_noise` when that is higher (x must then be fully denoised). Returns (latent, level
+    as a (1,) tensor on x's device)."""
+    if cfg.imagined_noise <= level:
+        return x, torch.full((1,), level, device=x.device)
+    if level > 0 or renoise is None:
         raise ValueError("imagined_noise re-noises a fully denoised latent: needs video_exec_step == video_steps "
                          "and the chunk's re-noise draw")
     t = cfg.imagined_noise
-    return (1 - t) * x + t * renoise, torch.full_like(level, t)
+    return (1 - t) * x + t * renoise, torch.full((1,), t, device=x.device)
 
 
 @torch.no_grad()
@@ -81,30 +82,31 @@ def write_history(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
 @torch.no_grad()
 def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Tensor, x: torch.Tensor,
                   a: torch.Tensor, cfg: PolicyConfig, state=None, action_dim: int | None = None,
-                  renoise: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+                  renoise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2 and 3 of the module docstring against `cache`: the imagined video stays in the cache.
     state (1, S): the robot state the chunk's actions start from (models with a state input);
     action_dim: the robot's action channels (the rest are padding, held at 0 as in training);
     renoise: chunk_noise's third draw (used when `cfg.imagined_noise` > 0).
 
-    Returns the action chunk (K, A_model) in -1..1 and the imagined latent (1, cams, z, h, w).
+    Returns the action chunk (K, A_model) in -1..1 and the imagined latent (1, cams, z, h, w), both on
+    the model's device: nothing here waits for the device (the caller reads the actions once).
     """
     window = cfg.history_chunks
     if model.cfg.video_prediction:
-        video = FlowSampler(cfg.video_steps, cfg.shift)
+        video = FlowSampler(cfg.video_steps, cfg.shift, device=x.device)
         for i in range(cfg.video_exec_step):
-            v, _ = model.step(cache, chunk, text, video=x, t_video=video.t(i, x.device), window_chunks=window)
+            v, _ = model.step(cache, chunk, text, video=x, t_video=video.t(i), window_chunks=window)
             x = video.step(x, v, i)
-        history, level = imagined_history(x, video.t(cfg.video_exec_step, x.device), cfg, renoise)
+        history, level = imagined_history(x, video.level(cfg.video_exec_step), cfg, renoise)
         model.step(cache, chunk, text, video=history, t_video=level, clean=True, window_chunks=window)
     else:  # the no-video ablation imagines nothing: the actions read the real history and the state
         x = torch.zeros_like(x)
-    act = FlowSampler(cfg.action_steps, cfg.shift, live=action_dim)
+    act = FlowSampler(cfg.action_steps, cfg.shift, live=action_dim, device=x.device)
     a = act.start(a)
     for i in range(cfg.action_steps):
-        _, v = model.step(cache, chunk, text, action=a, t_action=act.t(i, x.device), window_chunks=window, state=state)
+        _, v = model.step(cache, chunk, text, action=a, t_action=act.t(i), window_chunks=window, state=state)
         a = act.step(a, v, i)
-    return a[0].clamp(-1, 1).cpu().numpy(), x
+    return a[0].clamp(-1, 1), x
 
 
 def observation_pixels(observation: dict, cameras: list[str]) -> torch.Tensor:
@@ -169,12 +171,33 @@ class ChannelLayout:
         return out
 
 
-class Policy:
-    """A loaded bundle: the world model, the VAE, normalisation and task embeddings. Sessions share it."""
+POLICY_DTYPES = ("auto", "fp32", "bf16")
 
-    def __init__(self, path: Path, device: str = "cpu", overrides: dict | None = None):
+
+def policy_dtype(dtype: str, device: torch.device | str) -> str:
+    """The world model's weights dtype for a policy on `device`: "auto" is bf16 on a CUDA GPU with
+    native bf16 (what the GPU benchmark measures and `lingbot serve` serves there) and fp32 on every
+    CPU (the small models' chunks are no faster in bf16 there: README, "Benchmarks")."""
+    from lingbot.hardware import native_bf16, resolve_precision
+
+    if dtype not in POLICY_DTYPES:
+        raise LingbotError(f"policy dtype must be one of {', '.join(POLICY_DTYPES)}, got {dtype!r}")
+    device = torch.device(device)
+    if dtype == "auto":
+        return "bf16" if device.type == "cuda" and native_bf16(device)[0] else "fp32"
+    return resolve_precision(dtype, device, "policy")
+
+
+class Policy:
+    """A loaded bundle: the world model, the VAE, normalisation and task embeddings. Sessions share it.
+
+    `dtype` ("fp32", "bf16", "auto": `policy_dtype`): the world model's weights; in bf16 every step
+    also runs under bf16 autocast (the inputs, the sampler's state and the VAE stay fp32)."""
+
+    def __init__(self, path: Path, device: str = "cpu", overrides: dict | None = None, dtype: str = "fp32"):
         from safetensors.torch import load_file
 
+        from lingbot.hardware import torch_dtype
         from lingbot.vae.wan import load_vae
 
         self.path = Path(path)
@@ -191,6 +214,7 @@ class Policy:
             raise LingbotError("policy: imagined_noise must be in [0, 1) and needs the video denoised in full "
                                f"(video_exec_step == video_steps), got {self.cfg.imagined_noise}")
         self.device = torch.device(device)
+        self.dtype = policy_dtype(dtype, self.device)
         self.cameras = list(self.meta["cameras"])
         self.K = int(self.meta["actions_per_chunk"])
         self.frame_stride = int(self.meta["frame_stride"])
@@ -200,7 +224,7 @@ class Policy:
         if missing or unexpected:
             raise LingbotError(f"{self.path / 'model.safetensors'}: weights do not fit the model "
                                f"(missing {missing[:1]}, unexpected {unexpected[:1]})")
-        self.model.to(self.device).eval()
+        self.model.to(self.device, torch_dtype(self.dtype)).eval()
         self.vae = load_vae(self.path / "vae").to(self.device)
         norm = json.loads((self.path / "normalization.json").read_text())
         self.layout = ChannelLayout(norm["action"], int(self.meta["action_dim"]), self.model.cfg.action_channels)
@@ -225,10 +249,18 @@ class Policy:
     def new_session(self, task: str | None = None, seed: int | None = None) -> "Session":
         return Session(self, task or self.tasks[0], self.cfg.seed if seed is None else seed)
 
+    def autocast(self):
+        """The context every world-model call of this policy runs in (autocast is per thread: the
+        asynchronous session's worker enters it too)."""
+        from lingbot.hardware import autocast
 
-def load_policy(path: str | Path, device: str = "cpu", **overrides) -> Policy:
-    """Load a policy bundle (see lingbot/policy/bundle.py); `overrides` change PolicyConfig fields."""
-    return Policy(Path(path), device, overrides)
+        return autocast(self.device, self.dtype)
+
+
+def load_policy(path: str | Path, device: str = "cpu", dtype: str = "fp32", **overrides) -> Policy:
+    """Load a policy bundle (see lingbot/policy/bundle.py) on `device` with the world model in `dtype`
+    (`policy_dtype`); `overrides` change PolicyConfig fields."""
+    return Policy(Path(path), device, overrides, dtype)
 
 
 class Session:
@@ -249,7 +281,7 @@ class Session:
         p = self.policy
         if task is not None:
             self.task = task
-        with torch.no_grad():
+        with torch.no_grad(), p.autocast():
             self.text = p.model.encode_text(p.task_embedding(self.task))
         self.cache = KVCache(p.model.cfg.depth)
         self.encoder.reset()
@@ -261,6 +293,7 @@ class Session:
         self.executing = None  # model-space actions of the chunk being executed (K, A)
         self.executing_state = None  # the state that chunk started from (1, S_model), or None
         self.latency_ms: list[float] = []  # per chunk: time the caller waited
+        # On the policy's device (copied off it only by whoever reads them: videos, scores).
         self.real_latents: list[torch.Tensor] = []  # (cams, z, h, w) per grounded chunk
         self.executed: list[np.ndarray] = []  # (K, A_model) per grounded chunk
         self.start_states: list[torch.Tensor | None] = []  # (1, S_model) per chunk: its actions' start
@@ -273,17 +306,26 @@ class Session:
     def infer(self, observation: dict) -> np.ndarray:
         """The boundary frame in, the next action chunk out: (K, action_dim) float32 in robot units."""
         start = time.perf_counter()
+        actions = self.compute_chunk(observation).float().cpu().numpy()  # the chunk's one wait for the device
+        self.latency_ms.append((time.perf_counter() - start) * 1000)
+        self.executing = actions
+        return self.policy.layout.to_robot(actions)
+
+    def compute_chunk(self, observation: dict) -> torch.Tensor:
+        """`infer` up to its result: the next action chunk (K, A_model), normalised to -1..1, on the
+        policy's device, not yet waited for. Call `infer` to drive a robot (it also records the chunk
+        as executing)."""
         self.frames.append(self._images(observation))
         state = self._state(observation)
         latent = self._encode_chunk_frames()
         if self._executor is None:
-            actions, imagined = self._ground_and_predict(latent, state)
-            self.imagined_latents.append(imagined[0].cpu())
+            with self.policy.autocast():
+                actions, imagined = self._ground_and_predict(latent, state)
+            self.imagined_latents.append(imagined[0])
         else:
             actions = self._async_step(latent, state)
-        self.latency_ms.append((time.perf_counter() - start) * 1000)
-        self.executing, self.executing_state = actions, state
-        return self.policy.layout.to_robot(actions)
+        self.executing_state = state
+        return actions
 
     def correct_executed(self, actions: np.ndarray) -> None:
         """The robot executed `actions` (K, action_dim), robot units, instead of the chunk `infer` returned
@@ -362,7 +404,7 @@ class Session:
             write_history(model, self.cache, k, self.text, latent, action, p.cfg.history_chunks, state=state)
         if p.cfg.history_chunks:  # entries no later query may attend to (see attention_mask's window)
             self.cache.evict_before(2 * (k + 1) - 2 * p.cfg.history_chunks + 1)
-        self.real_latents.append(latent[0].cpu())
+        self.real_latents.append(latent[0])
         self.executed.append(np.asarray(executed, np.float32))
         if k == 0:
             self.start_states.append(state)
@@ -373,7 +415,7 @@ class Session:
     def K(self) -> int:
         return self.policy.K
 
-    def _predict(self, chunk: int, state: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor]:
+    def _predict(self, chunk: int, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Imagine the video of `chunk` (written into the cache) and decode its actions (K, A_model),
         starting from robot state `state`."""
         p = self.policy
@@ -386,15 +428,16 @@ class Session:
             return recompute_chunk(self, chunk, last=p.cfg.history_chunks)
         return denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg, state, p.layout.robot_dim, r)
 
-    def _ground_and_predict(self, latent: torch.Tensor, state: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor]:
+    def _ground_and_predict(self, latent: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         self._ground(latent, self.executing, self.executing_state if self.chunk else state)
         return self._predict(self.chunk, state)
 
     # -- asynchronous pipelining ------------------------------------------------------------------
 
-    def _async_step(self, latent: torch.Tensor, state: torch.Tensor | None) -> np.ndarray:
+    def _async_step(self, latent: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
         if self.pending is None:  # first boundary: nothing precomputed yet, compute chunk 1 now
-            actions, imagined = self._ground_and_predict(latent, state)
+            with self.policy.autocast():
+                actions, imagined = self._ground_and_predict(latent, state)
             self.cache.truncate(self.imagined_at)  # rewritten with its actions by _speculate
             job = (None, None, None, actions, imagined, state)
         else:
@@ -406,11 +449,11 @@ class Session:
         return actions
 
     def _in_mode(self, inference: bool, *job):
-        with torch.inference_mode(inference):
+        with torch.inference_mode(inference), self.policy.autocast():
             return self._speculate(*job)
 
     @torch.no_grad()
-    def _speculate(self, latent, executed, executed_state, actions: np.ndarray, imagined: torch.Tensor, state):
+    def _speculate(self, latent, executed, executed_state, actions: torch.Tensor, imagined: torch.Tensor, state):
         """Background: ground the chunk whose frames arrived, keep the one executing (started from
         `state`, the state observed at this boundary), imagine the next (from the same state: its own
         start state is not observed yet)."""
@@ -420,11 +463,11 @@ class Session:
         # The chunk being executed: its imagined video and its actions become provisional history
         # (not evicted against: grounding this chunk later still attends to the window before it).
         k, provisional = self.chunk, len(self.cache)
-        action = torch.from_numpy(np.ascontiguousarray(actions))[None].to(p.device)
-        level = float(FlowSampler(p.cfg.video_steps, p.cfg.shift).t(p.cfg.video_exec_step))
+        action = actions[None]
+        level = FlowSampler(p.cfg.video_steps, p.cfg.shift).level(p.cfg.video_exec_step)
         write_history(p.model, self.cache, k, self.text, imagined, action, p.cfg.history_chunks, level, state)
         self.start_states[k:] = [state]
-        self.imagined_latents.append(imagined[0].cpu())
+        self.imagined_latents.append(imagined[0])
         next_actions, next_imagined = self._predict(k + 1, state)
         self.imagined_at = provisional  # grounding chunk k drops its provisional entries and all after
         return next_actions, next_imagined
@@ -435,7 +478,7 @@ class Session:
             self.pending = None
 
 
-def recompute_chunk(session: Session, chunk: int, last: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+def recompute_chunk(session: Session, chunk: int, last: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`recompute_sequence` for chunk `chunk` of a session: its grounded history and seeded noise;
     `last` > 0: only the last `last` chunks of history (a window starting there, as in training)."""
     p = session.policy
@@ -454,7 +497,7 @@ def recompute_chunk(session: Session, chunk: int, last: int = 0) -> tuple[np.nda
 def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Tensor, text: torch.Tensor,
                        x: torch.Tensor, a: torch.Tensor, cfg: PolicyConfig, states=None,
                        action_dim: int | None = None, renoise: torch.Tensor | None = None
-                       ) -> tuple[np.ndarray, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference without a cache: `denoise_chunk` where every Euler step is a teacher-forced forward.
 
     real (1, k, cams, z, h, w) and executed (1, k, K, A): the grounded history of chunks < k; the chunk
@@ -483,14 +526,14 @@ def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Te
     video = FlowSampler(cfg.video_steps, cfg.shift)
     if model.cfg.video_prediction:
         for i in range(cfg.video_exec_step):
-            v, _ = run(x, video.times[i], torch.zeros_like(x), 0.0, a, 0.0)
+            v, _ = run(x, video.level(i), torch.zeros_like(x), 0.0, a, 0.0)
             x = video.step(x, v, i)
     else:  # nothing imagined; the actions do not attend to this chunk's video
         x = torch.zeros_like(x)
-    history, level = imagined_history(x, video.times[cfg.video_exec_step : cfg.video_exec_step + 1], cfg, renoise)
+    history, level = imagined_history(x, video.level(cfg.video_exec_step), cfg, renoise)
     act = FlowSampler(cfg.action_steps, cfg.shift, live=action_dim)
     a = act.start(a)
     for i in range(cfg.action_steps):
-        _, v = run(torch.zeros_like(x), 0.0, history, level, a, act.times[i])
+        _, v = run(torch.zeros_like(x), 0.0, history, level, a, act.level(i))
         a = act.step(a, v, i)
-    return a[0].clamp(-1, 1).cpu().numpy(), x
+    return a[0].clamp(-1, 1), x

@@ -346,15 +346,16 @@ def _health_check(connection, request):
     return None
 
 
-def serve(bundle: Path, host: str = "127.0.0.1", port: int = 8000, *, device: str = "cpu",
+def serve(bundle: Path, host: str = "127.0.0.1", port: int = 8000, *, device: str = "cpu", dtype: str = "auto",
           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
           on_ready: Callable[[str, int], None] | None = None) -> dict:
-    """Load the bundle and serve it until SIGTERM or SIGINT; returns the final counters."""
+    """Load the bundle on `device` with the world model in `dtype` (auto: bf16 on a GPU that has it,
+    fp32 on CPUs) and serve it until SIGTERM or SIGINT; returns the final counters."""
     import signal
 
     from lingbot.policy.runtime import load_policy
 
-    policy = load_policy(Path(bundle), device=device)
+    policy = load_policy(Path(bundle), device=device, dtype=dtype)
     server = PolicyServer(policy, max_message_bytes=max_message_bytes)
 
     async def main() -> dict:

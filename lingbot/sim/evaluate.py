@@ -87,7 +87,7 @@ def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = Fa
             result["presses"] = env.counter.presses
         if record:
             result["frames"] = np.stack(frames)
-            result["imagined"] = [session.real_latents[0]] + list(session.imagined_latents)
+            result["imagined"] = [x.cpu() for x in [session.real_latents[0], *session.imagined_latents]]
         return result
     finally:
         session.close()

@@ -125,21 +125,42 @@ def ema_update(ema: dict[str, torch.Tensor], model, decay: float) -> None:
 
 
 def apply_activation_checkpointing(model) -> None:
-    """Recompute each MoT layer in the backward pass instead of storing its activations."""
+    """Recompute each MoT layer in the backward pass instead of storing its activations (in place:
+    the parameters keep their names). Every argument reaches the layer, keywords included (the KV
+    cache of an incremental step); without gradients nothing is recomputed, so the layer runs as is."""
+    for layer in model.layers:
+        layer.forward = _checkpointed(layer.forward)
+
+
+def _checkpointed(forward):
     from torch.utils.checkpoint import checkpoint
 
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def compile_layers(model, backend: str = "inductor") -> None:
+    """`torch.compile` each MoT layer in place (torchtitan's order: after activation checkpointing, before
+    sharding; parameter names unchanged). The window length varies per batch: dynamo's automatic dynamic
+    shapes make the second length it meets symbolic, so the lengths share one graph instead of
+    recompiling for each. `backend="eager"` traces without generating code (the tests' check of the wiring)."""
     for layer in model.layers:
-        forward = layer.forward
-        layer.forward = lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False)
+        layer.compile(backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints.
 
 
-def save_checkpoint(path: Path, model, ema, optimizer, step: int, meta: dict, log: list[dict]) -> None:
+def save_checkpoint(path: Path, model, ema, optimizer, step: int, meta: dict, log: list[dict],
+                    machine: dict | None = None) -> None:
     """Write the checkpoint directory. Every process calls it (under FSDP the full tensors are gathered
-    to rank 0, a collective); rank 0 writes."""
+    to rank 0, a collective); rank 0 writes. `machine`: the precision and machine the steps ran on
+    (`lingbot.hardware.run_record`), kept in trainer.json."""
     from safetensors.torch import save_file
 
     weights, state, ema = full_state(model, optimizer, ema)
@@ -158,8 +179,10 @@ def save_checkpoint(path: Path, model, ema, optimizer, step: int, meta: dict, lo
         save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
         save_file(tensors or {"empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "config.json", {**meta, "step": step})
-        write_json(tmp / "trainer.json", {"step": step, "param_groups": state["param_groups"], "slots": slots,
-                                          "log": log[-1000:]})
+        trainer = {"step": step, "param_groups": state["param_groups"], "slots": slots, "log": log[-1000:]}
+        if machine is not None:
+            trainer["machine"] = machine
+        write_json(tmp / "trainer.json", trainer)
 
 
 def load_checkpoint(path: Path, model, ema, optimizer) -> tuple[int, list[dict]]:
@@ -197,43 +220,105 @@ def load_weights(path: Path, which: str = "ema") -> tuple[dict, dict]:
 # The loop.
 
 
-def _distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process; joins torchrun's process group when there is one."""
+def _distributed(device: str | None = None) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call joined the process group) of this process; joins
+    torchrun's process group when there is one. `device`: where to train (default: this process's GPU
+    when there is one, else the CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        # Each process owns one GPU: NCCL's collectives (FSDP's in particular) run on the current device.
+    if device is not None:
+        device = torch.device(device)
+    elif torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        # Each process owns one GPU: NCCL's collectives (FSDP's in particular) run on the current device.
         torch.cuda.set_device(device)
+    joined = False
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # device_id binds NCCL's communicator to this process's GPU at once (no guessing, no hang on
+        # the first collective when ranks disagree).
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             device_id=device if device.type == "cuda" else None)
+        joined = True
     rank = torch.distributed.get_rank() if world > 1 else 0
-    return rank, world, device
+    return rank, world, device, joined
+
+
+def rank_rows(rank: int, world: int, batch_size: int) -> slice:
+    """The rows of the global batch that process `rank` of `world` computes."""
+    per_rank = batch_size // world
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def train_step(net, model, optimizer, ema, batch: dict, noise: dict, cfg: TrainConfig, action_dim: int,
+               precision: str, sync_last_only: bool) -> dict:
+    """One optimizer step over this process's rows `batch` (already on the device) with their `noise`:
+    grad_accum micro-batches forward in `precision` (the backward outside autocast), clipping, AdamW,
+    EMA. `net` is what runs the forward (DDP-wrapped or not), `model` the plain or sharded model.
+    Returns the losses and the gradient norm as tensors on the device: no host synchronisation here."""
+    from lingbot.hardware import autocast
+    from lingbot.model.world_model import flow_matching_loss
+
+    device = batch["video"].device
+    micro = len(batch["video"]) // cfg.grad_accum
+    total = {}
+    for a in range(cfg.grad_accum):
+        rows = slice(a * micro, (a + 1) * micro)
+        part = {key: v[rows] for key, v in batch.items()}
+        part_noise = {key: v[rows] for key, v in noise.items()}
+        # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters every micro-batch
+        # into the sharded gradients: skipping it would hold full unsharded gradients in between.
+        last = a == cfg.grad_accum - 1
+        ctx = net.no_sync() if (sync_last_only and not last) else contextlib.nullcontext()
+        with ctx:
+            with autocast(device, precision):
+                losses = flow_matching_loss(net, part, part_noise, action_dim, cfg.video_weight, cfg.action_weight)
+            (losses["loss"] / cfg.grad_accum).backward()
+        for key in ("loss", "video", "action"):
+            total[key] = total.get(key, 0) + losses[key].detach().float() / cfg.grad_accum
+    total["grad_norm"] = clip_grad_norm_(model, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(ema, model, cfg.ema_decay)
+    return total
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init_from: Path | None = None,
-          stop_after: int | None = None, progress: bool = True) -> dict:
+          stop_after: int | None = None, progress: bool = True, device: str | None = None) -> dict:
     """Train (or resume) into `out/checkpoint`; write `out/log.tsv`. Returns summary metrics.
 
     `init_from`: a checkpoint whose EMA weights start the run (finetune from pretrain).
     `stop_after`: end after this step count (simulates an interruption; the run resumes from `out`).
+    `device`: where to train (default: this process's GPU when there is one, else the CPU).
     """
-    from lingbot.progress import progress_bar
-
-    from lingbot.data.latents import LatentWindows
-    from lingbot.model.world_model import WorldModel, count_parameters, draw_noise, flow_matching_loss
-
     if model_cfg.attention not in ("causal", "bidirectional"):
         raise LingbotError(f"train: model.attention must be causal or bidirectional, got {model_cfg.attention!r}")
     if cfg.parallel not in PARALLEL:
         raise LingbotError(f"train: parallel must be one of {', '.join(PARALLEL)}, got {cfg.parallel!r}")
-    rank, world, device = _distributed()
+    rank, world, device, joined = _distributed(device)
+    try:
+        return _train(cfg, model_cfg, cache, out, init_from, stop_after, progress, rank, world, device)
+    finally:
+        if joined and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg, model_cfg, cache, out, init_from, stop_after, progress, rank, world, device) -> dict:
+    from lingbot.hardware import resolve_precision, run_record
+    from lingbot.progress import progress_bar
+
+    from lingbot.data.latents import LatentWindows
+    from lingbot.model.world_model import WorldModel, count_parameters, draw_noise
+
     fsdp = cfg.parallel == "fsdp" and world > 1
     if cfg.parallel == "fsdp" and world == 1:
         logger.warning("train: parallel fsdp in a single process trains unsharded (launch with torchrun to shard)")
     if cfg.batch_size % (world * cfg.grad_accum):
         raise LingbotError(f"train: batch_size {cfg.batch_size} must divide into {world} processes x "
                            f"{cfg.grad_accum} accumulation steps")
+    # auto: bf16 on GPUs that have it; fp32 on CPUs, native bf16 or not (TrainConfig.precision).
+    precision = resolve_precision(cfg.precision, device, "train", cpu_bf16=False)
     data = LatentWindows(cache)
     manifest = data.manifest
     episodes = select_episodes(manifest, cfg)
@@ -260,8 +345,11 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
     if init_from is not None:
         weights, _ = load_weights(Path(init_from))
         model.load_state_dict(weights)
+    # torchtitan's order, each per MoT layer: activation checkpointing, then compile, then sharding.
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.compile:
+        compile_layers(model)
     if fsdp:
         apply_fsdp(model, device)
     # Under FSDP the EMA mirrors the sharded parameters: each process keeps the EMA of its own shard
@@ -269,6 +357,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
     # EMA); it is gathered to full tensors only when a checkpoint is written.
     ema = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = make_optimizer(model, cfg)  # after sharding: it must hold the sharded parameters
+    record = run_record(device, precision)
     meta = {
         "model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg), "cameras": cameras,
         "actions_per_chunk": k, "action_dim": action_dim, "cache_fingerprints": manifest["fingerprints"],
@@ -281,54 +370,38 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
     net = model
     if world > 1 and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model)
-    if cfg.compile:
-        net = torch.compile(net)
 
-    per_rank = cfg.batch_size // world
-    micro = per_rank // cfg.grad_accum
+    rows = rank_rows(rank, world, cfg.batch_size)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     bar = progress_bar(progress and rank == 0, total=end, initial=step, desc="train")
     t0, samples, tokens = time.perf_counter(), 0, 0
     while step < end:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
-        batch = sampler.batch(step)
+        # Each process loads only its rows; the noise is drawn for the global batch from one seeded
+        # generator and sliced, so N processes compute exactly what one would.
+        batch = sampler.batch(step, rows=rows)
         noise = draw_noise(batch, model_cfg.action_channels, cfg.shift, cfg.history_noise_p,
                            torch.Generator().manual_seed(cfg.seed * 1_000_003 + step), cfg.chunk_noise_p,
-                           cfg.chunk_noise_max)
-        total = {"loss": 0.0, "video": 0.0, "action": 0.0}
-        for a in range(cfg.grad_accum):
-            lo = rank * per_rank + a * micro
-            rows = slice(lo, lo + micro)
-            part = {key: v[rows].to(device) for key, v in batch.items() if torch.is_tensor(v)}
-            part_noise = {key: v[rows] for key, v in noise.items()}
-            # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters every micro-batch
-            # into the sharded gradients: skipping it would hold full unsharded gradients in between.
-            last = a == cfg.grad_accum - 1
-            ctx = net.no_sync() if (world > 1 and not fsdp and not last) else contextlib.nullcontext()
-            with ctx, autocast:
-                losses = flow_matching_loss(net, part, part_noise, action_dim, cfg.video_weight, cfg.action_weight)
-                (losses["loss"] / cfg.grad_accum).backward()
-            for key in total:
-                total[key] += float(losses[key].detach()) / cfg.grad_accum
-        grad_norm = clip_grad_norm_(model, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(ema, model, cfg.ema_decay)
+                           cfg.chunk_noise_max, batch_size=cfg.batch_size)
+        part = {key: v.to(device) for key, v in batch.items() if torch.is_tensor(v)}
+        part_noise = {key: v[rows] for key, v in noise.items()}
+        total = train_step(net, model, optimizer, ema, part, part_noise, cfg, action_dim, precision,
+                           sync_last_only=world > 1 and not fsdp)
         step += 1
         n_chunks = batch["video"].shape[1]
         samples += cfg.batch_size
         tokens += cfg.batch_size * 2 * n_chunks * (model.layout(1, *batch["video"].shape[-2:], "cpu")["Tv"] + k)
+        total = {key: float(v) for key, v in total.items()}  # the step's one host synchronisation
         entry = {"step": step, "loss": round(total["loss"], 6), "video_loss": round(total["video"], 6),
                  "action_loss": round(total["action"], 6), "lr": optimizer.param_groups[0]["lr"],
-                 "grad_norm": round(grad_norm, 4)}
+                 "grad_norm": round(total["grad_norm"], 4)}
         log.append(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", act=f"{entry['action_loss']:.3f}",
                         sps=f"{samples / (time.perf_counter() - t0):.1f}")
         if step % cfg.checkpoint_every == 0 or step == end:
-            save_checkpoint(ckpt, model, ema, optimizer, step, meta, log)
+            save_checkpoint(ckpt, model, ema, optimizer, step, meta, log, record)
     bar.close()
     elapsed = time.perf_counter() - t0
     if rank == 0:
@@ -350,4 +423,5 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
         "samples_per_s": round(samples / elapsed, 2) if samples else None,
         "tokens_per_s": round(tokens / elapsed, 1) if samples else None,
         "world_size": world,
+        "machine": record,
     }

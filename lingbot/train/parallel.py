@@ -47,8 +47,9 @@ def apply_fsdp(model, device: torch.device) -> None:
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
 
 
-def clip_grad_norm_(model, max_norm: float) -> float:
-    """Clip all gradients to a global L2 norm of `max_norm`; returns the norm before clipping.
+def clip_grad_norm_(model, max_norm: float) -> torch.Tensor:
+    """Clip all gradients to a global L2 norm of `max_norm`; returns the norm before clipping (a 0-d
+    tensor on the gradients' device: reading it is the caller's host synchronisation, not this one's).
 
     Under FSDP each process holds a shard of every gradient: the norm of the shards is a partial
     result, made whole (summed over processes) before it scales the gradients.
@@ -60,7 +61,7 @@ def clip_grad_norm_(model, max_norm: float) -> float:
     if isinstance(total, DTensor):
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
+    return total
 
 
 def _param_names(model, optimizer) -> list[str]:

@@ -109,10 +109,11 @@ def _sample_batch(clips: list[np.ndarray], cfg: VAEConfig, rng: np.random.Genera
 
 
 def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True,
-          backgrounds: list[np.ndarray] | None = None) -> list[dict]:
+          backgrounds: list[np.ndarray] | None = None, precision: str = "fp32") -> list[dict]:
     """Reconstruction (MSE + L1, + image-gradient L1 if `grad_weight`, foreground pixels weighted by
     `foreground_weight` over `backgrounds`, one per clip) + KL on random clips; AdamW with cosine decay.
-    Returns the loss log."""
+    `precision` (resolved: "fp32" or "bf16") is the forward's arithmetic. Returns the loss log."""
+    from lingbot.hardware import autocast as precision_autocast
     from lingbot.progress import progress_bar
 
     if cfg.foreground_weight and (backgrounds is None or len(backgrounds) != len(clips)):
@@ -129,9 +130,9 @@ def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True,
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, cfg.steps)))
     )
     device = vae.device
-    # bf16 autocast: 1.26x faster steps on a CPU with AVX512-BF16 (and the usual win on GPUs); the
-    # weights, the loss and the optimizer stay fp32, scoring and latent statistics run in fp32.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    # bf16 autocast where it is native: 1.2x faster steps on a CPU with AVX512-BF16 (and the usual win
+    # on GPUs); the weights, the loss and the optimizer stay fp32, scoring and latent statistics run in fp32.
+    autocast = precision_autocast(device, precision)
     vae.train()
     log = []
     bar = progress_bar(progress, iterable=range(cfg.steps), desc="fit_vae")
@@ -211,28 +212,39 @@ def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int 
 
 
 def fit_vae(cfg: VAEConfig, demos: Path, out: Path, grid_png: Path | None = None,
-            log_tsv: Path | None = None, progress: bool = True) -> dict:
+            log_tsv: Path | None = None, progress: bool = True, device: str | None = None,
+            frames=None) -> dict:
+    """The stage. `device`: where to train (default CUDA when there is one); `frames`: a callable
+    (layout, cameras, episodes) -> clips in place of `load_frames` (e.g. frames decoded elsewhere).
+    The precision it trained in and the machine are recorded in the VAE's config (`_lingbot`) and
+    returned under "machine"."""
+    from lingbot.hardware import resolve_precision, run_record
+
     t0 = time.perf_counter()
+    load = frames or load_frames
     manifest, split, layout = read_demos(demos)
     cameras = manifest["keys"]["cameras"]
     val = split["val"][: cfg.eval_episodes] or split["train"][: cfg.eval_episodes]
-    per_camera = [load_frames(layout, [camera], split["train"]) for camera in cameras]
+    per_camera = [load(layout, [camera], split["train"]) for camera in cameras]
     train_clips = [clip for clips in per_camera for clip in clips]
     backgrounds = None
     if cfg.foreground_weight:
         backgrounds = [b for clips in per_camera for b in [static_background(clips)] * len(clips)]
-    val_clips = load_frames(layout, cameras, val)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    val_clips = load(layout, cameras, val)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.pretrained:
         vae = load_vae(cfg.pretrained, cfg.subfolder).to(device)
-        log = []
+        log, record = [], {"pretrained": cfg.pretrained, **run_record(device, "fp32")}
     else:
+        precision = resolve_precision(cfg.precision, device, "fit_vae")
         vae = build_vae(cfg).to(device)
-        log = train(vae, train_clips, cfg, progress, backgrounds)
+        log = train(vae, train_clips, cfg, progress, backgrounds, precision)
+        record = run_record(device, precision)
     metrics, originals, recons = evaluate(vae, val_clips)
     # A spread sample of training clips pins the per-channel statistics well; all of them costs minutes.
     mean, std = measure_latent_stats(vae, train_clips[:: max(1, len(train_clips) // STATS_CLIPS)])
-    vae.register_to_config(latents_mean=mean, latents_std=std)
+    # `_lingbot`: diffusers keeps keys with a leading underscore in config.json and passes them to no one.
+    vae.register_to_config(latents_mean=mean, latents_std=std, _lingbot=record)
     with atomic_dir(Path(out)) as tmp:
         vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
     if grid_png is not None:
@@ -251,4 +263,5 @@ def fit_vae(cfg: VAEConfig, demos: Path, out: Path, grid_png: Path | None = None
         "steps": len(log),
         "train_clips": len(train_clips),
         "seconds": round(time.perf_counter() - t0, 1),
+        "machine": record,
     }

@@ -134,6 +134,7 @@ class StreamingEncoder:
         self.reset()
 
     def reset(self) -> None:
+        self._stats = None  # (mean, std) on the frames' device, copied there once
         self._cache = [None] * self.vae._cached_conv_counts["encoder"]
         self._pending: list[torch.Tensor] = []
         self.frames_seen = 0
@@ -153,6 +154,8 @@ class StreamingEncoder:
         out = self.vae.encoder(x, feat_cache=self._cache, feat_idx=[0])
         mu, _ = self.vae.quant_conv(out).chunk(2, dim=1)  # quant_conv is 1x1x1: no temporal context
         if self.normalize:
-            mean, std = latent_stats(self.vae)
-            mu = (mu - mean.to(mu)) / std.to(mu)
+            if self._stats is None or self._stats[0].device != mu.device:
+                self._stats = tuple(t.to(mu) for t in latent_stats(self.vae))
+            mean, std = self._stats
+            mu = (mu - mean) / std
         return mu[:, :, -1]
