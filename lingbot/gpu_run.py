@@ -1,7 +1,7 @@
-"""The prepared GPU run (issue 16): every figure lingbot claims beyond a CPU, in one call on a lent GPU.
+"""The prepared GPU run: every figure lingbot claims beyond a CPU, in one command on a GPU machine.
 
 `.ci/gpu prepare` (here, on the CPU machine) gathers into one git-ignored folder (`.gpu/`) what the GPU
-machine lacks, within the 64 MiB a call may carry::
+machine lacks, within 64 MiB (what one copy to an offline machine should carry)::
 
     .gpu/prepare.json          what is in the folder, what was left out and why, sizes, the run config
     .gpu/wheels/*.whl          pinned packages the GPU image lacks and the GPU steps import (MetaWorld's
@@ -27,7 +27,7 @@ process with its own time limit, so that one failing or hanging step does not st
               plain BC for the same seconds, both evaluated on the same held-out episodes
 
 Each step writes `<step>.json` into the output folder (`$OUT` there); `summary.json`, `summary.md`
-(printed last) and `log.txt` complete it: 7 files, under the 8 a call brings back. `run --cpu` runs
+(printed last) and `log.txt` complete it: 7 files. `run --cpu` runs
 the same code with the `tiny` preset and tiny budgets on a CPU (tests/test_gpu.py).
 """
 

@@ -1,0 +1,37 @@
+"""The documents: a README a user reads top to bottom, docs/ pages it links, links that resolve, and a
+project that speaks of itself (what it does), not of how it is being made."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+LINK = re.compile(r"\[[^\]]*\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    linked = {(ROOT / target).resolve() for target in LINK.findall(readme)}
+    assert DOCS and not [p.name for p in DOCS if p.resolve() not in linked]
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *DOCS], ids=lambda p: p.name)
+def test_every_relative_link_resolves(page):
+    broken = [target for target in LINK.findall(page.read_text())
+              if not target.startswith(("http://", "https://")) and not (page.parent / target).exists()]
+    assert not broken, f"{page.name}: {broken}"
+
+
+# Words of the workshop, not of the tool: a tracker's issue numbers, machines being lent, calls to them.
+WORKSHOP = re.compile(r"\bissue \d+|\blent\b|device call|brings back|earlier session|session's checkout", re.I)
+
+
+def test_the_project_speaks_of_itself():
+    files = [ROOT / "README.md", *DOCS, *(ROOT / "lingbot").rglob("*.py"), *(ROOT / "tests").glob("*.py"),
+             *(ROOT / "plugins").rglob("*.py")]
+    hits = [f"{f.relative_to(ROOT)}: {m.group(0)}" for f in files if f.name != "test_docs.py"
+            for m in WORKSHOP.finditer(f.read_text())]
+    assert not hits, hits
