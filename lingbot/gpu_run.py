@@ -290,15 +290,6 @@ class FramePack:
                 clips.append(self._decoded[key][start : start + n])
         return clips
 
-    def install(self) -> None:
-        """Make lingbot's frame readers (fit_vae, baseline.load_demos) read the pack, not the videos.
-
-        Both call `lingbot.vae.fit.load_frames` by module attribute; a `frames=` argument on them
-        would make this seam explicit (see docs/GPU.md)."""
-        import lingbot.vae.fit as fit
-
-        fit.load_frames = self.load_frames
-
 
 def _wheel_requirements(wheel: Path) -> list[str]:
     import re
@@ -720,7 +711,6 @@ def step_vae(result: StepResult, args, prepared: dict) -> None:
     cfg = run_config_from(prepared, args.cpu).vae
     frames = prepared["frames"]
     pack = FramePack(inputs / "frames")
-    pack.install()
     train_eps = sorted(set(frames["vae_train_episodes"]) | set(frames["bc_episodes"]))
     val = frames["vae_val_episodes"]
     demos = _work_demos(inputs, work, [e for e in train_eps if e not in val], val)
@@ -756,40 +746,7 @@ def load_policy_cuda(path):
     return load_policy(path, device="cuda", dtype="auto")  # bf16 weights where the GPU has bf16, as served
 
 
-def train_bc_on(data: dict, cfg, device, progress: bool = False):
-    """`lingbot.baselines.bc.train_bc` on `device`: the same model, loss, augmentation and schedule, the
-    batches moved to the device (train_bc itself trains on the CPU; a `device=` argument there would
-    remove this copy)."""
-    import math
-
-    import torch
-    import torch.nn.functional as F
-
-    from lingbot.baselines.bc import ImageBC, random_shift
-
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    images = torch.from_numpy(data["images"]).permute(0, 1, 4, 2, 3)
-    state = torch.from_numpy(data["state"])
-    actions = torch.from_numpy(data["actions"])
-    model = ImageBC(images.shape[1], state.shape[1], actions.shape[2], cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    losses, start = [], time.perf_counter()
-    model.train()
-    for _ in range(cfg.steps):
-        rows = torch.randint(0, len(images), (cfg.batch_size,), generator=generator)
-        batch = random_shift(images[rows].float().div(127.5).sub(1.0), cfg.shift, generator).to(device)
-        loss = F.l1_loss(model(batch, state[rows].to(device)), actions[rows].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return model.cpu().eval(), losses, time.perf_counter() - start
-
-
-def _time_train(cfg, model_cfg, latents: Path, work: Path, steps: tuple[int, int]) -> float:
+def _time_train(cfg, model_cfg, latents: Path, work: Path, steps: tuple[int, int], device=None) -> float:
     """Seconds per optimizer step of `train`: two short runs, so start-up and the final save cancel.
     Where noise makes the difference implausible (a loaded CPU), the longer run's mean step, which
     counts its start-up and save too: fewer steps, never a run past its budget."""
@@ -799,7 +756,7 @@ def _time_train(cfg, model_cfg, latents: Path, work: Path, steps: tuple[int, int
     for n in steps:
         out = work / f"calibrate-{n}"
         t0 = time.perf_counter()
-        train(dataclasses.replace(cfg, steps=n), model_cfg, latents, out, progress=False)
+        train(dataclasses.replace(cfg, steps=n), model_cfg, latents, out, progress=False, device=device)
         walls.append(time.perf_counter() - t0)
         shutil.rmtree(out, ignore_errors=True)
     difference = (walls[1] - walls[0]) / (steps[1] - steps[0])
@@ -814,7 +771,7 @@ def step_policy(result: StepResult, args, prepared: dict) -> None:
     import numpy as np
     import torch
 
-    from lingbot.baselines.bc import BCConfig, load_bc, load_demos, save_bc
+    from lingbot.baselines.bc import BCConfig, load_bc, load_demos, save_bc, train_bc
     from lingbot.policy.bundle import write_bundle
     from lingbot.sim.evaluate import evaluate
     from lingbot.train.loop import train
@@ -833,15 +790,16 @@ def step_policy(result: StepResult, args, prepared: dict) -> None:
                   eval_seed=eval_cfg.seed, train_seconds_budget=train_seconds)
 
     # World model: steps from a measured step time, 60% of the seconds pretraining, 40% fine-tuning.
-    per_step = _time_train(cfg.pretrain, cfg.model, latents, work, (1, 3) if args.cpu else (2, 8))
+    per_step = _time_train(cfg.pretrain, cfg.model, latents, work, (1, 3) if args.cpu else (2, 8), device)
     cap = 20 if args.cpu else 10**6  # a CPU run exercises the path; its step times are noise
     pre_steps = min(cap, max(2, int(0.6 * train_seconds / per_step)))
     fine_steps = min(cap, max(2, int(0.4 * train_seconds / per_step)))
     result.update(world_model_seconds_per_step=round(per_step, 4), pretrain_steps=pre_steps, finetune_steps=fine_steps)
     t0 = time.perf_counter()
-    pre = train(dataclasses.replace(cfg.pretrain, steps=pre_steps), cfg.model, latents, work / "pretrain", progress=False)
+    pre = train(dataclasses.replace(cfg.pretrain, steps=pre_steps), cfg.model, latents, work / "pretrain",
+                progress=False, device=device)
     fine = train(dataclasses.replace(cfg.finetune, steps=fine_steps), cfg.model, latents, work / "finetune",
-                 init_from=work / "pretrain" / "checkpoint", progress=False)
+                 init_from=work / "pretrain" / "checkpoint", progress=False, device=device)
     wm_seconds = time.perf_counter() - t0
     write_bundle(work / "policy", work / "finetune" / "checkpoint", vae, latents, cfg.policy)
     result.update(world_model_train_wall_s=round(wm_seconds, 1),
@@ -852,13 +810,13 @@ def step_policy(result: StepResult, args, prepared: dict) -> None:
                   params_action=pre["params_action"])
 
     # Plain BC on the same fine-tuning demos, for the world model's training seconds.
-    FramePack(inputs / "frames").install()
+    pack = FramePack(inputs / "frames")
     bc_cfg = BCConfig()
-    data = load_demos(inputs / "demos", latents, cfg.finetune, bc_cfg.chunk)
+    data = load_demos(inputs / "demos", latents, cfg.finetune, bc_cfg.chunk, frames=pack.load_frames)
     calib = 3 if args.cpu else 20
-    _, _, seconds = train_bc_on(data, dataclasses.replace(bc_cfg, steps=calib), device)
+    _, _, seconds = train_bc(data, dataclasses.replace(bc_cfg, steps=calib), False, device)
     bc_steps = min(cap, max(2, int(train_seconds / (seconds / calib))))
-    model, losses, bc_seconds = train_bc_on(data, dataclasses.replace(bc_cfg, steps=bc_steps), device)
+    model, losses, bc_seconds = train_bc(data, dataclasses.replace(bc_cfg, steps=bc_steps), False, device)
     save_bc(model, data, dataclasses.replace(bc_cfg, steps=bc_steps), work / "bc")
     result.update(bc_steps=bc_steps, bc_train_s=round(bc_seconds, 1), bc_final_loss=round(float(np.mean(losses[-50:])), 4),
                   bc_train_episodes=len(data["episodes"]))

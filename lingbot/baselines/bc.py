@@ -83,8 +83,9 @@ def _layout(stats: dict, what: str):
     return ChannelLayout(stats, dim, dim, what)
 
 
-def load_demos(demos: Path, cache: Path, train_cfg, chunk: int = BCConfig.chunk) -> dict:
+def load_demos(demos: Path, cache: Path, train_cfg, chunk: int = BCConfig.chunk, frames=None) -> dict:
     """The fine-tuning episodes of `train_cfg` (selected in the latent cache) as BC samples, in memory.
+    `frames`: a callable (layout, cameras, episodes) -> clips in place of `lingbot.vae.fit.load_frames`.
 
     images (N, cams, H, W, 3) uint8, state (N, S) and actions (N, chunk, A) normalised (the last action
     of an episode repeated past its end), plus the cameras, keys and stats the policy needs.
@@ -100,7 +101,7 @@ def load_demos(demos: Path, cache: Path, train_cfg, chunk: int = BCConfig.chunk)
     stats = json.loads((Path(demos) / "stats.json").read_text())
     episode_index, states, actions = read_state_action(layout, keys["state"], keys["action"])
     cameras = list(keys["cameras"])
-    clips = load_frames(layout, cameras, episodes)  # camera-major: clips[c * len(episodes) + i]
+    clips = (frames or load_frames)(layout, cameras, episodes)  # camera-major: clips[c * len(episodes) + i]
     state_layout = _layout(stats[keys["state"]], "state")
     action_layout = _layout(stats[keys["action"]], "action")
     images, state_rows, action_rows = [], [], []
@@ -135,8 +136,9 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
     return cropped.gather(3, cols).view(b, c, ch, h, w)
 
 
-def train_bc(data: dict, cfg: BCConfig, progress: bool = True) -> tuple[ImageBC, list[float], float]:
-    """Fit the baseline on `data` (load_demos); returns the model, the loss per step and the seconds."""
+def train_bc(data: dict, cfg: BCConfig, progress: bool = True, device: str = "cpu") -> tuple[ImageBC, list[float], float]:
+    """Fit the baseline on `data` (load_demos) on `device` (the samples stay in host memory, each batch
+    is moved); returns the model (on the CPU), the loss per step and the seconds."""
     from lingbot.progress import progress_bar
 
     torch.manual_seed(cfg.seed)
@@ -146,21 +148,21 @@ def train_bc(data: dict, cfg: BCConfig, progress: bool = True) -> tuple[ImageBC,
     actions = torch.from_numpy(data["actions"])
     if actions.shape[1] != cfg.chunk:
         raise LingbotError(f"bc: samples hold chunks of {actions.shape[1]} actions, the config predicts {cfg.chunk}")
-    model = ImageBC(images.shape[1], state.shape[1], actions.shape[2], cfg)
+    model = ImageBC(images.shape[1], state.shape[1], actions.shape[2], cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     losses, start = [], time.perf_counter()
     model.train()
     for _ in progress_bar(progress, iterable=range(cfg.steps), desc="bc"):
         rows = torch.randint(0, len(images), (cfg.batch_size,), generator=generator)
-        batch = random_shift(images[rows].float().div(127.5).sub(1.0), cfg.shift, generator)
-        loss = F.l1_loss(model(batch, state[rows]), actions[rows])
+        batch = random_shift(images[rows].float().div(127.5).sub(1.0), cfg.shift, generator).to(device)
+        loss = F.l1_loss(model(batch, state[rows].to(device)), actions[rows].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    return model.eval(), losses, time.perf_counter() - start
+    return model.cpu().eval(), losses, time.perf_counter() - start
 
 
 def save_bc(model: ImageBC, data: dict, cfg: BCConfig, out: Path) -> None:
