@@ -171,21 +171,14 @@ class ChannelLayout:
         return out
 
 
-POLICY_DTYPES = ("auto", "fp32", "bf16")
-
-
 def policy_dtype(dtype: str, device: torch.device | str) -> str:
-    """The world model's weights dtype for a policy on `device`: "auto" is bf16 on a CUDA GPU with
-    native bf16 (what the GPU benchmark measures and `lingbot serve` serves there) and fp32 on every
-    CPU (the small models' chunks are no faster in bf16 there: README, "Benchmarks")."""
-    from lingbot.hardware import native_bf16, resolve_precision
+    """The world model's weights dtype for a policy on `device` ("auto", "fp32" or "bf16"), resolved as
+    training's precision is: "auto" is bf16 on a CUDA GPU with native bf16 (what the GPU benchmark
+    measures and `lingbot serve` serves there) and fp32 on every CPU (the small models' chunks are no
+    faster in bf16 there)."""
+    from lingbot.hardware import resolve_precision
 
-    if dtype not in POLICY_DTYPES:
-        raise LingbotError(f"policy dtype must be one of {', '.join(POLICY_DTYPES)}, got {dtype!r}")
-    device = torch.device(device)
-    if dtype == "auto":
-        return "bf16" if device.type == "cuda" and native_bf16(device)[0] else "fp32"
-    return resolve_precision(dtype, device, "policy")
+    return resolve_precision(dtype, device, "policy", cpu_bf16=False)
 
 
 class Policy:
