@@ -199,7 +199,7 @@ def test_phase_augmentation_encodes_each_episode_from_later_frames(cache, ingest
     data = LatentWindows(out)
     window = data.window(episode, 1, 2, phase=1)
     torch.testing.assert_close(window["video"], video[1:3])
-    cfg = TrainConfig(batch_size=4, min_chunks=2, max_chunks=3)
+    cfg = TrainConfig(batch_size=4, max_chunks=3)
     sampler = StepSampler(data, cfg, select_episodes(manifest, cfg))
     assert sampler.phases == 2
     batches = [sampler.batch(step) for step in range(4)]

@@ -130,7 +130,7 @@ def test_the_causal_default_mask_is_the_documented_rules():
     bq, bk, cq, ck = block[:, None], block[None, :], clean[:, None], clean[None, :]
     rules = (cq & ck & (bk <= bq)) | (~cq & ck & (bk < bq)) | (~cq & ~ck & (bk == bq))
     assert torch.equal(attention_mask(block, clean), rules)
-    assert torch.equal(attention_mask(block, clean, 4), rules & ((bq - bk) < 4))
+    assert torch.equal(attention_mask(block, clean, 2), rules & ((bq // 2 - bk // 2) < 2))
 
 
 def test_pad_channels_puts_the_robot_first_and_refuses_too_many():
@@ -226,11 +226,18 @@ def test_noisy_tokens_see_only_their_own_block(key, stream):
     assert (dv, da) == ((own, [False] * N) if stream == 0 else ([False] * N, own))
 
 
-def test_attention_window_limits_history():
-    block = torch.arange(6).repeat_interleave(2)
-    clean = torch.ones(12, dtype=torch.bool)
-    full, windowed = attention_mask(block, clean), attention_mask(block, clean, window_blocks=2)
-    assert full[-1, 0] and not windowed[-1, 0] and windowed[-1, -3]
+def test_attention_window_is_by_chunk_video_and_actions_together():
+    # Blocks 2k (video) and 2k+1 (actions) of chunks 0..5, two tokens each. With a 2-chunk window the
+    # video of chunk 5 sees chunks 4 and 5 whole, and never the actions of chunk 3 without their video
+    # (a block window of 4 would have shown block 7 but not block 6: a pattern no training window holds).
+    block = torch.arange(12).repeat_interleave(2)
+    clean = torch.ones(24, dtype=torch.bool)
+    full, windowed = attention_mask(block, clean), attention_mask(block, clean, window_chunks=2)
+    video5 = (block == 10).nonzero()[0, 0]
+    seen = set(block[windowed[video5]].tolist())
+    assert full[video5, 0] and seen == {8, 9, 10}
+    actions5 = (block == 11).nonzero()[0, 0]
+    assert set(block[windowed[actions5]].tolist()) == {8, 9, 10, 11}
 
 
 def test_video_tokens_only_touch_video_expert_weights_and_back():

@@ -16,7 +16,7 @@ from lingbot.config import TrainConfig, preset
 from lingbot.errors import LingbotError
 from lingbot.train.loop import train
 
-CFG = TrainConfig(steps=6, batch_size=4, lr=3e-3, warmup=2, checkpoint_every=3, min_chunks=2, max_chunks=3)
+CFG = TrainConfig(steps=6, batch_size=4, lr=3e-3, warmup=2, checkpoint_every=3, max_chunks=3)
 
 
 def _weights(run, which="model"):

@@ -29,6 +29,7 @@ class Episode:
     seed: int
     success: bool
     states: np.ndarray  # (T, 4) float32
+    objects: np.ndarray  # (T, 6) float32: the task's object and goal positions (world metres)
     actions: np.ndarray  # (T, 4) float32
     images: dict[str, np.ndarray]  # camera -> (T, H, W, 3) uint8
     render_s: float
@@ -48,7 +49,7 @@ def rollout_expert(task: str, seed: int, cfg: CollectConfig) -> Episode:
     """Run the scripted expert once; record (obs, action) pairs at fps = SIM_HZ / action_repeat."""
     import warnings
 
-    from lingbot.sim.metaworld import MetaWorldEnv, expert_policy
+    from lingbot.sim.metaworld import MetaWorldEnv, expert_policy, object_positions
 
     # MetaWorld's experts warn on every construction that their gains exceed the action range; the
     # env clips, and so do we, explicitly.
@@ -60,7 +61,7 @@ def rollout_expert(task: str, seed: int, cfg: CollectConfig) -> Episode:
     obs = env.reset(seed)
     if hasattr(policy, "reset"):  # our memory tasks' experts keep a phase; MetaWorld's are stateless
         policy.reset(obs)
-    states, actions, frames = [], [], {c: [] for c in cfg.cameras}
+    states, objects, actions, frames = [], [], [], {c: [] for c in cfg.cameras}
     render_s = sim_s = 0.0
     success_at = None
     horizon = min(cfg.max_steps, env.max_path_length // cfg.action_repeat)
@@ -71,6 +72,7 @@ def rollout_expert(task: str, seed: int, cfg: CollectConfig) -> Episode:
         t1 = time.perf_counter()
         action = np.clip(policy.get_action(obs), -1.0, 1.0).astype(np.float32)
         states.append(obs[:4].astype(np.float32))
+        objects.append(object_positions(obs))
         actions.append(action)
         obs, success = env.step(action, cfg.action_repeat)
         sim_s += time.perf_counter() - t1
@@ -84,6 +86,7 @@ def rollout_expert(task: str, seed: int, cfg: CollectConfig) -> Episode:
         seed=seed,
         success=success_at is not None,
         states=np.stack(states),
+        objects=np.stack(objects),
         actions=np.stack(actions),
         images={c: np.stack(v) for c, v in frames.items()},
         render_s=render_s,
@@ -108,10 +111,14 @@ def quiet_encoders() -> None:
 
 
 def dataset_features(cfg: CollectConfig) -> dict:
-    from lingbot.sim.metaworld import ACTION_NAMES, STATE_NAMES
+    from lingbot.sim.metaworld import ACTION_NAMES, OBJECT_NAMES, STATE_NAMES
 
     features = {
         "observation.state": {"dtype": "float32", "shape": (len(STATE_NAMES),), "names": list(STATE_NAMES)},
+        # Privileged: where the task's object and goal are (LeRobot's name for it, as in its pusht and
+        # aloha datasets). No policy reads it; it scores what the VAE keeps of the objects.
+        "observation.environment_state": {"dtype": "float32", "shape": (len(OBJECT_NAMES),),
+                                          "names": list(OBJECT_NAMES)},
         "action": {"dtype": "float32", "shape": (len(ACTION_NAMES),), "names": list(ACTION_NAMES)},
     }
     for cam in cfg.cameras:
@@ -148,6 +155,13 @@ def _check(cfg: CollectConfig) -> None:
         raise LingbotError(f"collect: action_repeat must divide {SIM_HZ}, got {cfg.action_repeat}")
     if cfg.image_size < 16:
         raise LingbotError(f"collect: image_size must be >= 16, got {cfg.image_size}")
+    from lerobot.configs.video import RGBEncoderConfig
+
+    try:
+        RGBEncoderConfig(vcodec=cfg.video_codec, pix_fmt=cfg.pix_fmt, crf=cfg.crf)
+    except ValueError as exc:
+        raise LingbotError(f"collect: video_codec {cfg.video_codec!r} / pix_fmt {cfg.pix_fmt!r} / crf {cfg.crf}: "
+                           f"{str(exc).splitlines()[0]}") from None
 
 
 def collect(cfg: CollectConfig, out: Path, progress: bool = True, cluster=None) -> dict:
@@ -157,6 +171,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, cluster=None) 
     cluster instead of the local pool; they come back in submission order and are written here, so
     the dataset is the same. Returns a report: episodes kept and dropped per task, frames, throughput.
     """
+    from lerobot.configs.video import RGBEncoderConfig
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     from lingbot.progress import progress_bar
@@ -183,12 +198,13 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, cluster=None) 
             robot_type=ROBOT_TYPE,
             use_videos=True,
             video_backend="pyav",  # torchcodec needs system FFmpeg libraries; PyAV ships its own
+            rgb_encoder=RGBEncoderConfig(vcodec=cfg.video_codec, pix_fmt=cfg.pix_fmt, crf=cfg.crf),
             # Encode while collecting (no PNG round trip). LeRobot's encoder *drops* frames when its
             # queue is full, which happens on a busy 2-core machine at the default size (30): the
             # queue must hold a whole episode (validate's video frame count caught this).
             streaming_encoding=True,
             encoder_queue_maxsize=cfg.max_steps + 1,
-            # One SVT-AV1 thread per camera stream: the encoded bytes then do not depend on how the
+            # One encoder thread per camera stream: the encoded bytes then do not depend on how the
             # encoder's threads were scheduled (the streams still encode in parallel, one per camera).
             encoder_threads=1,
         )
@@ -222,6 +238,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, cluster=None) 
                 for t in range(len(episode.actions)):
                     frame = {
                         "observation.state": episode.states[t],
+                        "observation.environment_state": episode.objects[t],
                         "action": episode.actions[t],
                         "task": instruction,
                     }

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from lingbot.config import ModelConfig
 
 NOISY, CLEAN = 0, 1
+HISTORY_NOISE_MAX = 0.5  # noisy-history augmentation re-noises the clean video history to at most this
 VIDEO, ACTION = 0, 1
 
 
@@ -55,7 +56,7 @@ VIDEO, ACTION = 0, 1
 # Masks: the only place that decides who attends to whom.
 
 
-def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_blocks: int = 0,
+def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_chunks: int = 0,
                    query_block: torch.Tensor | None = None, query_clean: torch.Tensor | None = None,
                    attention: str = "causal", video_prediction: bool = True) -> torch.Tensor:
     """Boolean (Lq, L) mask, True = may attend, from per-token block ids and clean flags (both (L,)).
@@ -68,6 +69,9 @@ def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_blocks: int 
     unseen by the history: were they seen, the history would carry the target's video and actions to
     the noisy tokens, which nothing carries at run time. video_prediction False: noisy actions of
     chunk k attend to clean blocks before chunk k's video (history and state only, no video k).
+
+    window_chunks W > 0: a query of chunk c sees chunks c-W+1..c only, each whole (its video and its
+    actions), in training and in the policy's KV-cache ring alike (`Session` evicts by the same rule).
     """
     if query_block is None:
         query_block, query_clean = block, clean
@@ -81,8 +85,8 @@ def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_blocks: int 
     earlier = bk < bq - 1 if not video_prediction else bk < bq
     noisy_to_clean = torch.where(bq % 2 == 1, earlier, bk < bq)
     allowed = (cq & ck & clean_to_clean) | (~cq & ck & noisy_to_clean) | (~cq & ~ck & (bk == bq))
-    if window_blocks > 0:
-        allowed &= (bq - bk) < window_blocks
+    if window_chunks > 0:
+        allowed &= (bq // 2 - bk // 2) < window_chunks
     return allowed
 
 
@@ -298,6 +302,15 @@ class WorldModel(nn.Module):
             nn.init.zeros_(self.state_in.weight)
             nn.init.zeros_(self.state_in.bias)
         self.text_in = nn.Sequential(nn.Linear(cfg.text_dim, Dv), nn.GELU(approximate="tanh"), nn.Linear(Dv, Dv))
+        # The task joins the timestep conditioning of both experts (AdaLN): a pooled encoder gives one
+        # text token, and a softmax over one key makes cross-attention a constant per task whatever the
+        # query. Zero-initialised: a model starts (and a Wan initialisation stays) as without it.
+        self.text_mod_v = self.text_mod_a = None
+        if cfg.text_modulation:
+            self.text_mod_v, self.text_mod_a = nn.Linear(Dv, Dv), nn.Linear(Dv, Da)
+            for layer in (self.text_mod_v, self.text_mod_a):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.camera_embed = nn.Parameter(torch.zeros(cameras, Dv))
         # Timestep conditioning in Wan's layout: embed (Linear, SiLU, Linear), then per-layer AdaLN
         # parameters from proj (SiLU, Linear to 6 x width); the output norm is modulated by the embedding.
@@ -364,13 +377,18 @@ class WorldModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
 
-    def _video_tokens(self, video, t, lay):
+    def _conditioning(self, emb, text, table):
+        """Time embedding (B, L, D) + the task (`text`: encode_text's (B, Lt, Dv), pooled) through `table`."""
+        return emb if table is None else emb + table(text.mean(1))[:, None]
+
+    def _video_tokens(self, video, t, lay, text):
         """video (B, n, C, z, h, w) at flow times t (B, n) -> tokens (B, n*Tv, Dv), time emb, AdaLN mod."""
         x = self.video_in(self.patchify(video).flatten(1, 2)) + self.camera_embed[lay["cams"]]
         emb = self.time_embed_v(timestep_embedding(t.repeat_interleave(lay["Tv"], 1), self.cfg.freq_dim))
+        emb = self._conditioning(emb, text, self.text_mod_v)
         return x, emb, self.time_proj_v(emb).unflatten(-1, (6, -1))  # mod (B, L, 6, Dv)
 
-    def _action_tokens(self, action, t, state=None):
+    def _action_tokens(self, action, t, text, state=None):
         """action (B, n, K, A) at flow times t (B, n), state (B, n, S) each chunk starts from ->
         tokens (B, n*K, Da), time emb, AdaLN mod."""
         x = self.action_in(action.flatten(1, 2))
@@ -379,6 +397,7 @@ class WorldModel(nn.Module):
                 raise ValueError(f"the model takes the robot state ({self.cfg.state_channels} channels): pass state")
             x = x + self.state_in(state).repeat_interleave(self.K, 1)
         emb = self.time_embed_a(timestep_embedding(t.repeat_interleave(self.K, 1), self.cfg.freq_dim))
+        emb = self._conditioning(emb, text, self.text_mod_a)
         return x, emb, self.time_proj_a(emb).unflatten(-1, (6, -1))
 
     def _heads(self, xv, xa, emb_v, emb_a):
@@ -403,20 +422,21 @@ class WorldModel(nn.Module):
         B, n, C, z, h, w = noisy_video.shape
         lay = self.layout(n, h, w, noisy_video.device)
         Tv, K = lay["Tv"], self.K
-        streams = [self._video_tokens(noisy_video, t_video, lay), self._video_tokens(clean_video, t_history, lay)]
+        text = self.encode_text(text)
+        streams = [self._video_tokens(noisy_video, t_video, lay, text),
+                   self._video_tokens(clean_video, t_history, lay, text)]
         xv, emb_v, mod_v = (torch.cat(p, 1) for p in zip(*streams))
-        streams = [self._action_tokens(noisy_action, t_action, state),
-                   self._action_tokens(clean_action, torch.zeros_like(t_action), state)]
+        streams = [self._action_tokens(noisy_action, t_action, text, state),
+                   self._action_tokens(clean_action, torch.zeros_like(t_action), text, state)]
         xa, emb_a, mod_a = (torch.cat(p, 1) for p in zip(*streams))
 
         vb, ab = lay["video_block"], lay["action_block"]
         block = torch.cat([vb, vb, ab, ab])
         clean = torch.cat([torch.zeros_like(vb), torch.ones_like(vb), torch.zeros_like(ab), torch.ones_like(ab)]).bool()
-        mask = attention_mask(block, clean, 2 * self.cfg.window_chunks, attention=self.cfg.attention,
+        mask = attention_mask(block, clean, self.cfg.window_chunks, attention=self.cfg.attention,
                               video_prediction=self.cfg.video_prediction)
         angles_v = rope_angles(lay["video_pos"].repeat(2, 1), self.cfg.head_dim).to(xv.device)
         angles_a = rope_angles(lay["action_pos"].repeat(2, 1), self.cfg.head_dim).to(xv.device)
-        text = self.encode_text(text)
 
         for layer in self.layers:
             xv, xa = layer(xv, xa, mod_v, mod_a, angles_v, angles_a, mask, text)
@@ -456,7 +476,7 @@ class WorldModel(nn.Module):
             block = torch.cat([cache.block, new_block])
             flags = torch.cat([torch.ones(len(cache), dtype=torch.bool),
                                torch.full_like(new_block, clean, dtype=torch.bool)])
-            mask = attention_mask(block, flags, 2 * window_chunks, new_block, flags[len(cache):],
+            mask = attention_mask(block, flags, window_chunks, new_block, flags[len(cache):],
                                   video_prediction=self.cfg.video_prediction)
             cache.remember(key, None if bool(mask.all()) else mask.to(dev))
         return cache.memo[key]
@@ -482,11 +502,11 @@ class WorldModel(nn.Module):
         mask = self._step_mask(cache, chunk, new_block, clean, window_chunks, dev)
         Dv, Da = self.cfg.video_width, self.cfg.action_width
         if video is not None:
-            xv, emb_v, mod_v = self._video_tokens(video[:, None], t_video[:, None], lay)
+            xv, emb_v, mod_v = self._video_tokens(video[:, None], t_video[:, None], lay, text)
         else:
             xv, emb_v, mod_v = (torch.zeros(B, 0, *s, device=dev) for s in ((Dv,), (Dv,), (6, Dv)))
         if action is not None:
-            xa, emb_a, mod_a = self._action_tokens(action[:, None], t_action[:, None],
+            xa, emb_a, mod_a = self._action_tokens(action[:, None], t_action[:, None], text,
                                                    None if state is None else state[:, None])
         else:
             xa, emb_a, mod_a = (torch.zeros(B, 0, *s, device=dev) for s in ((Da,), (Da,), (6, Da)))
@@ -554,7 +574,7 @@ def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p:
         "t_action": sample_times((B, n), shift, g),
         "eps_video": torch.randn(video_shape, generator=g),
         "eps_action": torch.randn(action_shape, generator=g),
-        "history": (torch.rand(B, generator=g) < history_noise_p) * torch.rand(B, generator=g) * 0.5,
+        "history": (torch.rand(B, generator=g) < history_noise_p) * torch.rand(B, generator=g) * HISTORY_NOISE_MAX,
         "eps_history": torch.randn(video_shape, generator=g),
         # drawn last: the draws above are the same with or without per-chunk noise
         "chunk_history": (torch.rand(B, n, generator=g) < chunk_noise_p) * torch.rand(B, n, generator=g)
@@ -652,9 +672,10 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
     loss_v = F.mse_loss(pred_v[:, first:], (nz["eps_video"] - video)[:, first:])
     step_mask = torch.cat([torch.zeros_like(step_mask[:, :first]), step_mask[:, first:]], dim=1)
     weight = step_mask.float()[..., None] * channel
-    # Divided by every (sample, step, used channel) slot, not by the unmasked count: the mean then splits
-    # exactly over micro-batches and processes (gradient accumulation and DDP equal one big batch).
-    slots = step_mask.numel() * max(1, action_channels_used)
+    # Divided by every (sample, step, used channel) slot of the target chunks, not by the unmasked count:
+    # the mean then splits exactly over micro-batches and processes (gradient accumulation and DDP equal
+    # one big batch), and the action/video balance does not move with the window's length.
+    slots = step_mask[:, first:].numel() * max(1, action_channels_used)
     loss_a = ((pred_a - (eps_action - actions)) ** 2 * weight).sum() / slots
     if not cfg.video_prediction:  # the ablation: nothing imagines video; the action loss alone trains
         video_weight = 0.0

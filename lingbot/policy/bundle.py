@@ -102,5 +102,6 @@ def read_bundle(path: Path) -> dict:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items() if k in fields}
     model.setdefault("state_channels", 0)  # bundles from before the state input: the model had none
+    model.setdefault("text_modulation", False)  # bundles from before the text joined AdaLN
     meta["model_config"] = ModelConfig(**model)
     return meta

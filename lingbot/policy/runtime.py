@@ -106,7 +106,7 @@ def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
     for i in range(cfg.action_steps):
         _, v = model.step(cache, chunk, text, action=a, t_action=act.t(i), window_chunks=window, state=state)
         a = act.step(a, v, i)
-    return a[0].clamp(-1, 1), x
+    return a[0], x
 
 
 def observation_pixels(observation: dict, cameras: list[str]) -> torch.Tensor:
@@ -155,6 +155,18 @@ class ChannelLayout:
         if self.lo.shape != (robot_dim,):
             raise LingbotError(f"normalization stats have {self.lo.shape[0]} {what} channels, expected {robot_dim}")
         self.robot_dim, self.model_channels, self.what = robot_dim, model_channels, what
+        # What the model may output: the normalised image of the data's [min, max] (q01/q99 map to
+        # -1..1, so the top and bottom 1% of a channel lie beyond them); [-1, 1] for stats without min/max.
+        span = np.maximum(self.hi - self.lo, 1e-6)
+        low = 2 * (np.asarray(stats["min"], np.float32) - self.lo) / span - 1 if "min" in stats else -np.ones(robot_dim)
+        high = 2 * (np.asarray(stats["max"], np.float32) - self.lo) / span - 1 if "max" in stats else np.ones(robot_dim)
+        self.bounds = tuple(np.pad(np.minimum(b, -1) if i == 0 else np.maximum(b, 1), (0, model_channels - robot_dim),
+                                   constant_values=0.0).astype(np.float32) for i, b in enumerate((low, high)))
+
+    def clip(self, model_actions: torch.Tensor) -> torch.Tensor:
+        """(K, A_model) model-space actions clipped to the data's range (`bounds`), on their device."""
+        low, high = (torch.from_numpy(b).to(model_actions.device, model_actions.dtype) for b in self.bounds)
+        return torch.maximum(torch.minimum(model_actions, high), low)
 
     def to_robot(self, model_actions: np.ndarray) -> np.ndarray:
         """(K, A_model) normalised -> (K, robot_dim) in robot units."""
@@ -179,6 +191,25 @@ def policy_dtype(dtype: str, device: torch.device | str) -> str:
     from lingbot.hardware import resolve_precision
 
     return resolve_precision(dtype, device, "policy", cpu_bf16=False)
+
+
+def warn_untrained(model_cfg, cfg: PolicyConfig) -> None:
+    """Warn where this policy config would show the model a history it was not trained on: a ring of
+    another length than its training windows' (`window_chunks`), or imagined video left noisier than
+    noisy-history augmentation ever made it (video denoising stopped early)."""
+    import warnings
+
+    from lingbot.model.world_model import HISTORY_NOISE_MAX
+
+    if model_cfg.window_chunks and cfg.history_chunks != model_cfg.window_chunks:
+        warnings.warn(f"policy: history_chunks {cfg.history_chunks}, but the model was trained with a "
+                      f"{model_cfg.window_chunks}-chunk attention window: set policy.history_chunks "
+                      f"{model_cfg.window_chunks}", stacklevel=3)
+    level = FlowSampler(cfg.video_steps, cfg.shift).level(cfg.video_exec_step)
+    if model_cfg.video_prediction and level > HISTORY_NOISE_MAX:
+        warnings.warn(f"policy: video stopped at step {cfg.video_exec_step} of {cfg.video_steps} (shift {cfg.shift}) "
+                      f"leaves the imagined history at noise level {level:.2f}; training re-noised history to at "
+                      f"most {HISTORY_NOISE_MAX} (unless finetune.chunk_noise_p was set)", stacklevel=3)
 
 
 class Policy:
@@ -206,6 +237,7 @@ class Policy:
                                                     and self.cfg.video_exec_step < self.cfg.video_steps):
             raise LingbotError("policy: imagined_noise must be in [0, 1) and needs the video denoised in full "
                                f"(video_exec_step == video_steps), got {self.cfg.imagined_noise}")
+        warn_untrained(model_cfg, self.cfg)
         self.device = torch.device(device)
         self.dtype = policy_dtype(dtype, self.device)
         self.cameras = list(self.meta["cameras"])
@@ -395,8 +427,9 @@ class Session:
         action = torch.from_numpy(np.ascontiguousarray(executed))[None].to(p.device)
         if model.cfg.attention == "causal":  # a bidirectional model recomputes its window instead
             write_history(model, self.cache, k, self.text, latent, action, p.cfg.history_chunks, state=state)
-        if p.cfg.history_chunks:  # entries no later query may attend to (see attention_mask's window)
-            self.cache.evict_before(2 * (k + 1) - 2 * p.cfg.history_chunks + 1)
+        if p.cfg.history_chunks:  # chunks no later query may attend to (see attention_mask's window):
+            # the next query is chunk k + 1 (k + 2 in async mode, after chunk k + 1 is grounded again)
+            self.cache.evict_before(2 * (k + 2 - p.cfg.history_chunks))
         self.real_latents.append(latent[0])
         self.executed.append(np.asarray(executed, np.float32))
         if k == 0:
@@ -419,7 +452,9 @@ class Session:
         self.start_states.append(state)
         if p.model.cfg.attention != "causal":  # no KV cache: the window of the last history_chunks, again
             return recompute_chunk(self, chunk, last=p.cfg.history_chunks)
-        return denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg, state, p.layout.robot_dim, r)
+        actions, imagined = denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg, state,
+                                          p.layout.robot_dim, r)
+        return p.layout.clip(actions), imagined
 
     def _ground_and_predict(self, latent: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         self._ground(latent, self.executing, self.executing_state if self.chunk else state)
@@ -482,8 +517,9 @@ def recompute_chunk(session: Session, chunk: int, last: int = 0) -> tuple[torch.
     states = None
     if p.state_layout is not None:
         states = torch.stack([s[0] for s in session.start_states[first : chunk + 1]])[None]  # (1, n + 1, S)
-    return recompute_sequence(p.model, real, executed, p.task_embedding(session.task), x, a, p.cfg, states,
-                              p.layout.robot_dim, r)
+    actions, imagined = recompute_sequence(p.model, real, executed, p.task_embedding(session.task), x, a, p.cfg,
+                                           states, p.layout.robot_dim, r)
+    return p.layout.clip(actions), imagined
 
 
 @torch.no_grad()
@@ -529,4 +565,4 @@ def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Te
     for i in range(cfg.action_steps):
         _, v = run(torch.zeros_like(x), 0.0, history, level, a, act.level(i))
         a = act.step(a, v, i)
-    return a[0].clamp(-1, 1), x
+    return a[0], x

@@ -24,6 +24,14 @@ GOAL_MARKER_RADIUS = 0.04  # metres, visual only
 ROTATED_CAMERAS = frozenset({"corner", "corner2", "corner3"})
 STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper")
 ACTION_NAMES = ("delta_x", "delta_y", "delta_z", "gripper")
+# MetaWorld's observation: hand (0:3), gripper (3), first object's position (4:7) and quaternion, a
+# second object, the previous frame's copy (18:36), the goal (36:39).
+OBJECT_NAMES = ("object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z")
+
+
+def object_positions(obs: np.ndarray) -> np.ndarray:
+    """(6,) float32: the task's first object and its goal, world metres, from a MetaWorld observation."""
+    return np.concatenate([obs[4:7], obs[36:39]]).astype(np.float32)
 
 
 def task_names() -> list[str]:

@@ -47,8 +47,8 @@ logger = logging.getLogger("lingbot.train")
 
 
 class StepSampler:
-    """The global batch of step s: episodes (and, in a phase-augmented cache, each one's phase) and one
-    window length drawn from rng(seed, s)."""
+    """The global batch of step s: episodes (and, in a phase-augmented cache, each one's phase) drawn
+    from rng(seed, s), in windows as long as the batch's shortest episode allows (up to max_chunks)."""
 
     def __init__(self, data, cfg: TrainConfig, episodes: list[int]):
         from lingbot.data.latents import phase_lengths
@@ -56,8 +56,8 @@ class StepSampler:
         self.data, self.cfg, self.episodes = data, cfg, episodes
         self.lengths = {e: phase_lengths(data.manifest["episodes"][str(e)]) for e in episodes}
         self.phases = len(self.lengths[episodes[0]])
-        if cfg.min_chunks < 2:
-            raise LingbotError(f"train: min_chunks must be >= 2 (a window's first chunk is context only), got {cfg.min_chunks}")
+        if cfg.max_chunks < 2:
+            raise LingbotError(f"train: max_chunks must be >= 2 (a window's first chunk is context only), got {cfg.max_chunks}")
         short = [e for e, n in self.lengths.items() if min(n) < 2]
         if short:
             raise LingbotError(f"train: episode {short[0]} has {min(self.lengths[short[0]])} latent frame(s); a "
@@ -71,8 +71,7 @@ class StepSampler:
         chosen = rng.choice(self.episodes, size=cfg.batch_size, replace=len(self.episodes) < cfg.batch_size)
         phases = rng.integers(0, self.phases, size=len(chosen)) if self.phases > 1 else np.zeros(len(chosen), int)
         lengths = [self.lengths[e][p] for e, p in zip(chosen, phases)]
-        shortest = min(lengths)
-        n = int(rng.integers(min(cfg.min_chunks, shortest), min(cfg.max_chunks, shortest) + 1))
+        n = min(cfg.max_chunks, *lengths)
         starts = [window_start(rng, length, n, cfg.episode_start_p) for length in lengths]
         items = list(zip(chosen.tolist(), starts, phases.tolist()))[rows or slice(None)]
         return collate_windows([self.data.window(e, s, n, p) for e, s, p in items])

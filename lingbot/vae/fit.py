@@ -108,6 +108,15 @@ def _sample_batch(clips: list[np.ndarray], cfg: VAEConfig, rng: np.random.Genera
     return to_pixels(np.stack(batch)), picked
 
 
+def kl_per_element(posterior) -> torch.Tensor:
+    """KL(q(z|x) || N(0, 1)) per latent element, averaged over every element of the batch. diffusers'
+    `kl()` sums dims 1-3 only (of a 5-D video latent: channels, frames, rows), which scaled by the pixel
+    count left the term ~1e-12 per element; `vae.kl_weight` weighs this mean against the reconstruction
+    error per pixel, as it says."""
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+
+
 def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True,
           backgrounds: list[np.ndarray] | None = None, precision: str = "fp32") -> list[dict]:
     """Reconstruction (MSE + L1, + image-gradient L1 if `grad_weight`, foreground pixels weighted by
@@ -151,14 +160,15 @@ def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True,
             rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         if cfg.grad_weight:
             rec = rec + cfg.grad_weight * gradient_loss(recon, x)
-        kl = posterior.kl().float().mean() / x[0].numel()
+        kl = kl_per_element(posterior)
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        entry = {"step": step, "loss": loss.item(), "psnr": psnr(recon.detach(), x), "lr": sched.get_last_lr()[0]}
+        entry = {"step": step, "loss": loss.item(), "kl": kl.item(), "psnr": psnr(recon.detach(), x),
+                 "lr": sched.get_last_lr()[0]}
         log.append(entry)
         bar.set_postfix(loss=f"{entry['loss']:.4f}", psnr=f"{entry['psnr']:.1f}")
     vae.eval()
