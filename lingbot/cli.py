@@ -28,7 +28,7 @@ def _run_config(args):
 
 
 # Subcommands whose results are torch computations (threads pinned before any of it runs).
-TORCH_COMMANDS = ("fit-vae", "cache-latents", "pretrain", "finetune", "evaluate")
+TORCH_COMMANDS = ("fit-vae", "score-vae", "cache-latents", "pretrain", "finetune", "evaluate")
 
 
 def _print_json(data: dict) -> None:
@@ -136,6 +136,19 @@ def cmd_fit_vae(args) -> int:
     report = fit_vae(cfg, Path(args.demos), Path(args.out), grid_png=args.grid and Path(args.grid),
                      log_tsv=args.log and Path(args.log), progress=not args.quiet)
     _write_metrics(args, report)
+    _print_json(report)
+    return 0
+
+
+def cmd_score_vae(args) -> int:
+    from lingbot.eval.objects import score_vae_objects
+
+    _run_config(args)
+    report = score_vae_objects(Path(args.demos), Path(args.vae), episodes=args.episodes or 0)
+    if args.metrics:  # per task as well: nested numbers stay in the metrics file
+        from lingbot.fsutil import write_json
+
+        write_json(Path(args.metrics), report)
     _print_json(report)
     return 0
 
@@ -377,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fit_vae)
 
+    p = with_config(sub.add_parser("score-vae", help="PSNR of a VAE's reconstructions around the objects and goals"))
+    p.add_argument("demos", help="ingest directory (its held-out episodes are scored)")
+    p.add_argument("--vae", required=True, help="VAE directory (diffusers layout)")
+    p.add_argument("--episodes", type=int, help="score the first N held-out episodes only")
+    p.add_argument("--metrics", help="write the report here (DVC metrics JSON)")
+    p.set_defaults(func=cmd_score_vae)
+
     p = with_config(sub.add_parser("cache-latents", help="encode every episode into the latent cache"))
     p.add_argument("demos", help="ingest directory")
     p.add_argument("--vae", required=True, help="VAE directory (from fit-vae)")
@@ -452,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
-    p.add_argument("what", choices=["data", "latents", "vae", "train", "realtime", "bc", "seeds", "peers"],
+    p.add_argument("what", choices=["data", "latents", "vae", "frames", "train", "realtime", "bc", "seeds", "peers"],
                    help="bc: plain image behaviour cloning against the world model, per target and chain seed, on "
                         "the same demos and held-out episodes (the quality table); seeds: "
                         "the run's training recipe (pretrain..evaluate) on several chain seeds; peers: "

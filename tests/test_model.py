@@ -309,3 +309,44 @@ def test_loss_decreases_on_a_tiny_overfit_batch():
         opt.step()
         losses.append(out["loss"].item())
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+
+
+def test_the_task_text_reaches_the_queries():
+    """One pooled text token: cross-attention's softmax over one key is 1, so it adds the same vector to
+    every token and its q/k get no gradient. Through AdaLN the text moves the first layer's queries."""
+    model = tiny_model()
+    x = inputs()
+    batch = {"video": x["clean_video"], "actions": x["clean_action"][..., :A], "task": x["text"],
+             "action_mask": torch.ones(B, N, K, dtype=torch.bool), "start_state": x["state"]}
+    noise = draw_noise(batch, 16, 3.0, 0.0, torch.Generator().manual_seed(0))
+    flow_matching_loss(model.train(), batch, noise, A)["loss"].backward()
+    cross = model.layers[0].video.cross
+    assert cross.to_q.weight.grad.abs().max() < 1e-6  # the old path: nothing but rounding
+    for table in (model.text_mod_v, model.text_mod_a):  # zero at init, trained from the first step
+        assert table.weight.grad.abs().max() > 0
+    queries = []
+    model.layers[0].video.to_q.register_forward_hook(lambda m, args, out: queries.append(out))
+    torch.nn.init.normal_(model.text_mod_v.weight, std=0.5)
+    with torch.no_grad():
+        model.eval()(**x)
+        model(**{**x, "text": torch.randn(B, 1, 384, generator=torch.Generator().manual_seed(9))})
+    assert (queries[0] - queries[1]).abs().max() > 1e-3
+
+
+def test_the_action_loss_does_not_move_with_the_window_length():
+    """Divided by the target chunks' slots: the same per-slot error gives the same loss at n = 2 and 4."""
+    from lingbot.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = WorldModel(ModelConfig(**{**preset("tiny").model.__dict__, "state_channels": 0}), cameras=C,
+                       actions_per_chunk=K)
+    losses = []
+    for n in (2, 4):
+        batch = {"video": torch.zeros(B, n, C, Z, H, W), "actions": torch.zeros(B, n, K, A),
+                 "action_mask": torch.ones(B, n, K, dtype=torch.bool), "task": torch.zeros(B, 1, 384),
+                 "start_state": torch.zeros(B, n, 4)}
+        noise = draw_noise(batch, 16, 3.0, 0.0, torch.Generator().manual_seed(0))
+        noise["eps_action"] = torch.ones_like(noise["eps_action"])  # zero-headed model: error = eps = 1
+        with torch.no_grad():
+            losses.append(flow_matching_loss(model, batch, noise, A)["action"].item())
+    assert losses[0] == pytest.approx(1.0) and losses[1] == pytest.approx(1.0)

@@ -251,3 +251,56 @@ def test_wilson_interval_known_values():
     low, high = wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+
+
+def test_the_ring_at_chunk_40_shows_what_a_training_window_shows(tiny_bundle):
+    """Mid-episode the ring holds whole chunks c-W+1..c-1 (video and actions together), as the noisy
+    video of a training window's late chunk sees them under the same sliding mask; and the embedded
+    default trains windows at least twice the ring, so the oldest chunk in view has had its own full
+    ring, as it has at chunk 40 of a rollout."""
+    from pathlib import Path
+
+    from lingbot.config import load_run_config
+    from lingbot.model.world_model import attention_mask
+
+    W, chunks = 3, 40
+    policy = load_policy(tiny_bundle, history_chunks=W, video_steps=2, video_exec_step=2, action_steps=2)
+    session = policy.new_session()
+    _drive(session, _frames(policy, 4 * chunks), chunks)
+    history = session.cache.block[: session.imagined_at]  # what chunk 40's noisy video attends to
+    ring = sorted({int(b) - 2 * chunks for b in history})
+    assert ring == [2 * c + s for c in range(-(W - 1), 0) for s in (0, 1)]
+
+    n = 2 * W  # a training window: clean blocks of every chunk, then the last chunk's noisy video
+    block = torch.cat([torch.arange(2 * n), torch.tensor([2 * (n - 1)])])
+    clean = torch.cat([torch.ones(2 * n, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)])
+    mask = attention_mask(block, clean, W)
+    seen = sorted(int(b) - 2 * (n - 1) for b in block[:-1][mask[-1, :-1]])
+    assert seen == ring
+    oldest = 2 * (n - W)  # the clean video of the oldest chunk in view saw a full ring itself
+    assert len(set((block[mask[oldest]] // 2).tolist())) == W
+
+    run = load_run_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert run.policy.history_chunks == run.model.window_chunks > 0
+    assert min(run.pretrain.max_chunks, run.finetune.max_chunks) >= 2 * run.model.window_chunks
+
+
+def test_a_ring_other_than_the_trained_window_is_warned_about(tiny_bundle, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "policy"
+    shutil.copytree(tiny_bundle, bundle)
+    meta = json.loads((bundle / "policy.json").read_text())
+    meta["model"]["window_chunks"] = 4
+    (bundle / "policy.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="trained with a 4-chunk attention window"):
+        load_policy(bundle, history_chunks=6)
+    with pytest.warns(UserWarning, match="noise level 0.75"):
+        load_policy(tiny_bundle, video_steps=4, video_exec_step=2, shift=3.0)
+
+
+def test_actions_reach_the_data_range_beyond_its_quantiles():
+    stats = {"q01": [-0.5, 0.0], "q99": [0.5, 1.0], "min": [-1.0, 0.0], "max": [1.0, 2.0]}
+    layout = ChannelLayout(stats, 2, 4)
+    clipped = layout.clip(torch.tensor([[5.0, 5.0, 0.0, 0.0], [-5.0, -5.0, 0.0, 0.0]]))
+    assert layout.to_robot(clipped.numpy()).tolist() == [[1.0, 2.0], [-1.0, 0.0]]

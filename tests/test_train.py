@@ -258,3 +258,21 @@ def test_checkpoints_record_the_precision_and_machine_they_trained_on(latent_cac
     report = train(dataclasses.replace(CFG, steps=1), preset("tiny").model, latent_cache, tmp_path, progress=False)
     trainer = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())
     assert trainer["machine"] == report["machine"] == run_record("cpu", "fp32")  # CPUs train in fp32 (auto)
+
+
+def test_every_batch_trains_the_longest_history_its_episodes_allow(latent_cache):
+    """One window length per batch: the shortest chosen episode's, up to max_chunks (causal teacher
+    forcing trains every shorter history in the same pass), never a shorter draw."""
+    from lingbot.data.latents import LatentWindows
+    from lingbot.train.loop import StepSampler, select_episodes
+
+    data = LatentWindows(latent_cache)
+    for max_chunks in (3, 50):
+        cfg = dataclasses.replace(CFG, max_chunks=max_chunks)
+        sampler = StepSampler(data, cfg, select_episodes(data.manifest, cfg))
+        for step in range(6):
+            b = sampler.batch(step)
+            shortest = min(sampler.lengths[int(e)][0] for e in b["episode"])
+            assert b["video"].shape[1] == min(max_chunks, shortest)
+    with pytest.raises(LingbotError, match="max_chunks must be >= 2"):
+        StepSampler(data, dataclasses.replace(CFG, max_chunks=1), select_episodes(data.manifest, CFG))

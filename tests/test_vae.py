@@ -139,3 +139,25 @@ def test_fit_vae_with_foreground_weight_trains(ingested, tmp_path, tiny_config):
     cfg = dataclasses.replace(tiny_config.vae, foreground_weight=4.0)
     report = fit_vae(cfg, ingested, tmp_path / "vae", progress=False)
     assert report["steps"] == cfg.steps and 0 < report["psnr_db"] < 60
+
+
+def test_the_kl_weight_changes_the_loss_by_what_it_says():
+    """vae.kl_weight weighs the mean KL per latent element: the closed form of a known posterior, and
+    one step's loss moves by exactly weight x KL (the reconstruction term is the same draw)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from lingbot.vae.fit import kl_per_element, train
+
+    mean, logvar = torch.full((1, 4, 2, 3, 3), 0.5), torch.full((1, 4, 2, 3, 3), -1.0)
+    posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], 1))
+    expected = 0.5 * (0.25 + np.exp(-1.0) - 1.0 + 1.0)
+    assert kl_per_element(posterior).item() == pytest.approx(expected, rel=1e-5)
+
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    logs = {}
+    for weight in (0.0, 0.1):
+        cfg = VAEConfig(base_dim=8, z_dim=4, clip_frames=5, steps=1, batch_size=1, kl_weight=weight)
+        logs[weight] = train(build_vae(cfg), clips, cfg, progress=False)[0]
+    assert logs[0.0]["kl"] == pytest.approx(logs[0.1]["kl"], rel=1e-6) and logs[0.0]["kl"] > 0.01
+    assert logs[0.1]["loss"] - logs[0.0]["loss"] == pytest.approx(0.1 * logs[0.0]["kl"], rel=1e-4)

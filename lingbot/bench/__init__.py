@@ -1,6 +1,7 @@
 """Benchmarks: `lingbot bench WHAT` prints a table, then one JSON object as its last line.
 
-`speed`: data, latents, vae, train, realtime. `quality`: bc, seeds, peers (on a `dvc repro` run's data).
+`speed`: data, latents, vae, train, realtime. `frames`: recorded frames against raw renders. `quality`:
+bc, seeds, peers (on a `dvc repro` run's data).
 Every result carries the machine it ran on (`lingbot.hardware.machine`: the CPU kernels' ISA, the GPU,
 torch) and the precision it computed in.
 """
@@ -28,6 +29,10 @@ def run(what: str, args) -> int:
         result = bench_train(args.preset, args.steps or 10)
     elif what == "vae":
         result = bench_vae(args.steps or 4)
+    elif what == "frames":
+        from lingbot.bench.frames import bench_frames
+
+        result = bench_frames(Path(args.params), args.episodes or 3, args.target.split(",") if args.target else [])
     elif what == "bc":
         result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers,
                           [int(v) for v in (args.seeds or "0").split(",")],

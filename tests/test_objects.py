@@ -1,0 +1,52 @@
+"""What the VAE keeps of the objects: the projection lands on the object, and the box metric sees a
+dropped puck that whole-frame PSNR barely notices."""
+
+import numpy as np
+
+from lingbot.eval.objects import box_masks, box_psnr, camera_projection, project, score_vae_objects
+
+
+def test_the_projection_lands_on_the_object_in_the_rendered_frame():
+    """The puck's projection into corner3 (upright, as recorded) hits pixels MuJoCo's segmentation
+    renders as the puck; a moving camera has no fixed projection."""
+    from lingbot.sim.metaworld import MetaWorldEnv, object_positions
+
+    import mujoco
+
+    env = MetaWorldEnv("push-v3", 64, ("corner3",))
+    obs = env.reset(5)
+    renderer = mujoco.Renderer(env.env.model, 64, 64)
+    renderer.enable_segmentation_rendering()
+    renderer.update_scene(env.env.data, camera="corner3")
+    geoms = renderer.render()[::-1, ::-1, 0]  # turned upright as MetaWorldEnv.render turns corner3
+    renderer.close()
+    col, row = np.round(project(camera_projection("push-v3", "corner3", 64), object_positions(obs)[None, :3])[0])
+    model = env.env.model
+    near = geoms[int(row) - 1 : int(row) + 2, int(col) - 1 : int(col) + 2].ravel()
+    bodies = {mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_BODY, model.geom_bodyid[g]) for g in near if g >= 0}
+    env.close()
+    assert "obj" in bodies
+    assert camera_projection("push-v3", "gripperPOV", 64) is None
+
+
+def test_the_box_metric_sees_a_dropped_puck():
+    rng = np.random.default_rng(0)
+    table = np.full((4, 64, 64, 3), 120, np.uint8)
+    frames = table.copy()
+    frames[:, 30:33, 20:23] = (200, 30, 30)  # a 3x3 pixel puck
+    kept = np.clip(frames.astype(int) + rng.integers(-3, 4, frames.shape), 0, 255).astype(np.uint8)
+    dropped = np.clip(table.astype(int) + rng.integers(-3, 4, frames.shape), 0, 255).astype(np.uint8)
+    masks = box_masks(np.array([[21.0, 31.0]] * 4), 64)
+    assert masks[0].sum() == 49  # a 7x7 box at 64x64
+    whole = np.ones_like(masks)
+    # The dropped puck: ~35 dB over the whole frame, ~17 dB in its box (the kept one: ~42 dB).
+    assert box_psnr(frames, kept, masks) > 40 > 25 > box_psnr(frames, dropped, masks)
+    assert box_psnr(frames, dropped, whole) > box_psnr(frames, dropped, masks) + 15
+
+
+def test_score_vae_reports_boxes_per_task(ingested, vae_dir):
+    report = score_vae_objects(ingested, vae_dir, episodes=2)
+    assert report["episodes"] == 2 and report["box_px"] >= 3
+    for name in ("frame", "object", "goal"):
+        assert 0 < report[f"{name}_psnr_db"] < 60
+    assert set(report["per_task"]) <= {"drawer-open-v3", "drawer-close-v3"} and report["per_task"]
