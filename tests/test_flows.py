@@ -160,6 +160,9 @@ def test_stage_order_follows_the_dag(prefect_api, tmp_path):
     real = stage_order(REPO)
     chain = ["collect", "ingest", "validate", "fit_vae", "cache_latents", "pretrain", "finetune", "evaluate",
              "publish"]
+    # score_vae (what the VAE keeps of the objects) hangs off fit_vae; nothing depends on it
+    assert real.index("score_vae") > real.index("fit_vae") and sorted(stage_graph(REPO)["score_vae"]) == ["fit_vae", "ingest"]
+    real = [s for s in real if s != "score_vae"]
     assert real == [s for s in chain if s in real] and real[:8] == chain[:8]
 
 

@@ -50,3 +50,23 @@ def test_score_vae_reports_boxes_per_task(ingested, vae_dir):
     for name in ("frame", "object", "goal"):
         assert 0 < report[f"{name}_psnr_db"] < 60
     assert set(report["per_task"]) <= {"drawer-open-v3", "drawer-close-v3"} and report["per_task"]
+
+
+def test_score_vae_skips_a_dataset_without_object_positions(ingested, vae_dir, tmp_path):
+    """A robot's own dataset does not say where its objects are: the stage reports nothing, no error."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    demos = tmp_path / "demos"
+    shutil.copytree(ingested, demos)
+    info = demos / "dataset" / "meta" / "info.json"
+    meta = json.loads(info.read_text())
+    del meta["features"]["observation.environment_state"]
+    info.write_text(json.dumps(meta))
+    out = tmp_path / "objects.json"
+    proc = subprocess.run([sys.executable, "-m", "lingbot.cli", "score-vae", str(demos), "--vae", str(vae_dir),
+                           "--preset", "tiny", "--metrics", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text()) == {"scored": False, "episodes": 0}

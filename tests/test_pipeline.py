@@ -23,7 +23,7 @@ TINY_PARAMS = {
     "evaluate": {"tasks": ["drawer-open-v3"], "episodes": 2, "max_steps": 8, "videos": 1},
     "publish": {"repo_id": "lingbot/tiny", "target": "local", "local_dir": "hub", "min_success": 0.0},
 }
-STAGES = ("collect", "ingest", "validate", "fit_vae", "cache_latents", "pretrain", "finetune", "evaluate", "publish")
+STAGES = ("collect", "ingest", "validate", "fit_vae", "score_vae", "cache_latents", "pretrain", "finetune", "evaluate", "publish")
 
 
 def _new_project(tmp_path_factory, name):

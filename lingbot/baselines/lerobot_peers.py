@@ -64,11 +64,17 @@ def train_peer(kind: str, demos: Path, episodes: list[int], out: Path, steps: in
     height, width = described["shapes"][keys["cameras"][0]][:2]
     if kind == "diffusion":
         extra = (f"--policy.crop_shape=[{height - height // 8}, {width - width // 8}]", *extra)
+    # The peers read what lingbot's policy reads: the chosen cameras and state, never the dataset's
+    # other features (collect's observation.environment_state says where the objects are: LeRobot
+    # would feed it to ACT and Diffusion Policy as an input).
+    inputs = {cam: {"type": "VISUAL", "shape": [3, height, width]} for cam in keys["cameras"]}
+    inputs[keys["state"]] = {"type": "STATE", "shape": list(described["shapes"][keys["state"]][:1])}
     with tempfile.TemporaryDirectory(prefix=f"lingbot-peer-{kind}-") as tmp:
         run_dir = Path(tmp) / "run"
         args = [sys.executable, "-m", "lerobot.scripts.lerobot_train",
                 f"--dataset.repo_id=local/{dataset.parent.name}", f"--dataset.root={dataset}",
                 f"--dataset.episodes={json.dumps(sorted(episodes))}", f"--policy.type={kind}", *PEER_ARGS[kind],
+                f"--policy.input_features={json.dumps(inputs)}",
                 "--policy.push_to_hub=false", "--policy.device=cpu", f"--steps={steps}", f"--batch_size={batch_size}",
                 "--num_workers=0", f"--output_dir={run_dir}", f"--save_freq={steps}",
                 f"--log_freq={min(50, max(1, steps // 4))}",

@@ -93,6 +93,7 @@ def score_vae_objects(demos, vae_dir, episodes: int = 0) -> dict:
     totals = {name: [0.0, 0] for name in ("frame", *POINTS)}  # squared error sum, pixel count
     per_task: dict[str, dict] = {}
     matrices: dict = {}
+    size = None  # the image side, from the first clip scored
     for camera_key in manifest["keys"]["cameras"]:
         camera = camera_key.removeprefix("observation.images.")
         clips = load_frames(layout, [camera_key], held_out)
@@ -125,6 +126,7 @@ def score_vae_objects(demos, vae_dir, episodes: int = 0) -> dict:
     def db(acc):
         return round(float(10 * np.log10(255.0**2 / (acc[0] / acc[1]))), 3) if acc[1] and acc[0] else None
 
-    return {"episodes": len(held_out), "box_px": 2 * max(1, round(BOX_FRACTION * size / 2)) + 1,
+    box = 2 * max(1, round(BOX_FRACTION * size / 2)) + 1 if size else None
+    return {"episodes": len(held_out), "box_px": box,
             **{f"{name}_psnr_db": db(acc) for name, acc in totals.items()},
             "per_task": {t: {f"{name}_psnr_db": db(acc) for name, acc in row.items()} for t, row in sorted(per_task.items())}}
