@@ -35,6 +35,9 @@ def bench_frames(params: Path, episodes: int, tasks: list[str]) -> dict:
             attempt += 1
             if episode.success:
                 raw[task].append(episode)
+    # Each fixed camera's projection once per task (it builds the task's environment); None: it moves.
+    projections = {(task, cam): camera_projection(task, cam, base.image_size) for task in base.tasks
+                   for cam in base.cameras}
     ours = {k: getattr(base, k) for k in LEROBOT_DEFAULT}
     result = {"bench": "frames", "tasks": ",".join(base.tasks), "episodes_per_task": episodes,
               "image_size": base.image_size}
@@ -58,7 +61,7 @@ def bench_frames(params: Path, episodes: int, tasks: list[str]) -> dict:
                             raise RuntimeError(error)
                         truth = episode.images[cam]
                         scores["frame"].append((truth, decoded, np.ones(truth.shape[:3], bool)))
-                        matrix = camera_projection(task, cam, cfg.image_size)
+                        matrix = projections[task, cam]
                         if matrix is not None:
                             for i, point in enumerate(("object", "goal")):
                                 masks = box_masks(project(matrix, episode.objects[:, 3 * i : 3 * i + 3]), cfg.image_size)
