@@ -244,8 +244,9 @@ def cmd_evaluate(args) -> int:
     if args.env:
         changes["env"] = args.env
     cfg = dataclasses.replace(cfg, **changes)
-    if cfg.env not in ("metaworld", "offline", "lerobot"):
-        raise LingbotError(f"evaluate.env must be metaworld, offline or lerobot, got {cfg.env!r}")
+    if cfg.env not in ("sim", "offline", "lerobot"):
+        hint = " (lingbot's own MetaWorld rollouts are env sim)" if cfg.env == "metaworld" else ""
+        raise LingbotError(f"evaluate.env must be sim, offline or lerobot, got {cfg.env!r}{hint}")
     if cfg.env == "offline" and not args.demos:
         raise LingbotError("evaluate --env offline needs --demos (the ingested dataset with its held-out split)")
     policy = Path(args.policy)
@@ -258,7 +259,7 @@ def cmd_evaluate(args) -> int:
                      Path(args.demos) if args.demos else None)
     out = Path(args.out)
     summary, results = {}, out
-    if cfg.env == "metaworld":
+    if cfg.env == "sim":
         from lingbot.sim.evaluate import evaluate
 
         from lingbot.cluster import active
@@ -274,8 +275,8 @@ def cmd_evaluate(args) -> int:
         from lingbot.eval.offline import evaluate_offline
 
         tasks = run.finetune.tasks
-        if cfg.env == "metaworld":
-            from lingbot.sim.metaworld import task_description
+        if cfg.env == "sim":
+            from lingbot.sim.suite import task_description
 
             tasks = tuple(task_description(t) for t in cfg.tasks)
         offline = evaluate_offline(policy, Path(args.demos), out / "offline", tasks, cfg.offline_episodes, cfg.seed,
@@ -288,7 +289,7 @@ def cmd_evaluate(args) -> int:
 
         write_plots(summary, results, cfg.tasks if cfg.env != "offline" else (), Path(args.tasks_tsv),
                     Path(args.latency_tsv), Path(args.error_tsv) if args.error_tsv else None,
-                    metaworld=cfg.env == "metaworld")
+                    simulated=cfg.env == "sim")
     from lingbot.hardware import run_record
 
     summary["machine"] = run_record("cpu", "fp32")  # rollout workers load the policy on the CPU, in fp32
@@ -445,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="VAE directory the checkpoint was trained with")
     p.add_argument("--cache", help="latent cache the checkpoint was trained on (stats, task embeddings)")
     p.add_argument("--demos", help="ingested dataset: score the policy open loop on its held-out episodes too")
-    p.add_argument("--env", choices=["metaworld", "offline"], help="override evaluate.env")
+    p.add_argument("--env", choices=["sim", "offline"], help="override evaluate.env")
     p.add_argument("--task", action="append", help="MetaWorld task id (repeatable; default: params)")
     p.add_argument("--episodes", type=int, help="episodes per task")
     p.add_argument("--seed", type=int, help="first episode seed (default: params; another base gives a tuning set)")

@@ -28,11 +28,12 @@ DEFAULT_TASKS = ("drawer-open-v3", "push-v3", "drawer-close-v3", "button-press-t
 
 @dataclass(frozen=True)
 class CollectConfig:
-    """Scripted-expert demonstrations in MetaWorld, written as a LeRobot v3 dataset."""
+    """Scripted-expert demonstrations in MetaWorld or ALOHA (`aloha-*` tasks), written as a LeRobot v3 dataset."""
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
     episodes: int = 20  # successful episodes kept per task
-    image_size: int = 64  # square camera images, pixels
+    image_size: int = 64  # camera image height, pixels
+    image_width: int = 0  # pixels; 0: the suite's own aspect (MetaWorld square, ALOHA's top camera 4:3)
     # corner3 sees the whole table with objects and goal marker; gripperPOV is the wrist view.
     cameras: tuple[str, ...] = ("corner3", "gripperPOV")  # MuJoCo camera names
     action_repeat: int = 2  # sim control steps (80 Hz) per recorded step: fps = 80 / action_repeat
@@ -240,15 +241,16 @@ class PolicyConfig:
 class EvalConfig:
     """Simulation evaluation of the fine-tuned policy (stage evaluate)."""
 
-    # "metaworld": closed-loop rollouts of `tasks` (and the open-loop scores of their held-out demos);
+    # "sim": closed-loop rollouts of `tasks` in lingbot's own simulators, MetaWorld or ALOHA by task id
+    # (and the open-loop scores of their held-out demos);
     # "offline": no simulator: the policy scored open loop on the split's held-out episodes only;
     # "lerobot": rollouts of `tasks` in LeRobot's env `lerobot_env` through lerobot-eval (sim/lerobot_env.py).
-    env: str = "metaworld"
+    env: str = "sim"
     lerobot_env: str = "metaworld"  # a lerobot.envs type: metaworld, pusht, aloha, libero, ...
     # env "lerobot": "bundle_camera=lerobot_key" per bundle camera whose LeRobot key differs, e.g.
     # "observation.images.corner3=observation.image" (one LeRobot image may feed several cameras)
     camera_map: tuple[str, ...] = ()
-    tasks: tuple[str, ...] = ("drawer-open-v3",)  # MetaWorld task ids
+    tasks: tuple[str, ...] = ("drawer-open-v3",)  # MetaWorld or ALOHA task ids (lingbot/sim/suite.py)
     episodes: int = 10  # per task
     seed: int = 100_000  # held-out: collect's seeds are derived from small run seeds
     max_steps: int = 150  # recorded steps (as collect's) before an episode counts as failed

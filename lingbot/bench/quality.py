@@ -90,7 +90,7 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
 def retarget(run_cfg, target: str | None, demos: int | None = None):
     """The run with MetaWorld task `target` as its fine-tuning and evaluation task (None: as it is),
     fine-tuned on its first `demos` training episodes (None: finetune.max_episodes_per_task as it is)."""
-    from lingbot.sim.metaworld import task_description
+    from lingbot.sim.suite import task_description
 
     if demos is not None:
         if demos < 1:

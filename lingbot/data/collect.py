@@ -1,4 +1,5 @@
-"""Scripted-expert demonstrations: MetaWorld experts rolled out in parallel, written as LeRobot v3.
+"""Scripted-expert demonstrations: a suite's experts (MetaWorld's, or ALOHA's bimanual ones,
+`lingbot/sim/suite.py`) rolled out in parallel, written as LeRobot v3.
 
 Every attempt has its own seed (from the run seed, the task and the attempt number), so the set of
 episodes, and the bytes of the parquet files, depend only on the config, not on scheduling. Attempts
@@ -20,17 +21,14 @@ from lingbot.config import CollectConfig
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir
 
-ROBOT_TYPE = "sawyer"
-
-
 @dataclass
 class Episode:
     task: str
     seed: int
     success: bool
-    states: np.ndarray  # (T, 4) float32
-    objects: np.ndarray  # (T, 6) float32: the task's object and goal positions (world metres)
-    actions: np.ndarray  # (T, 4) float32
+    states: np.ndarray  # (T, state channels) float32
+    objects: np.ndarray | None  # (T, 6) float32: the task's object and goal positions (world metres); ALOHA: None
+    actions: np.ndarray  # (T, action channels) float32
     images: dict[str, np.ndarray]  # camera -> (T, H, W, 3) uint8
     render_s: float
     sim_s: float
@@ -46,20 +44,22 @@ _ENVS: dict[tuple, object] = {}
 
 
 def rollout_expert(task: str, seed: int, cfg: CollectConfig) -> Episode:
-    """Run the scripted expert once; record (obs, action) pairs at fps = SIM_HZ / action_repeat."""
+    """Run the scripted expert once; record (obs, action) pairs at fps = sim Hz / action_repeat."""
     import warnings
 
-    from lingbot.sim.metaworld import MetaWorldEnv, expert_policy, object_positions
+    from lingbot.sim.metaworld import object_positions
+    from lingbot.sim.suite import expert_policy, make_env, suite_of
 
     # MetaWorld's experts warn on every construction that their gains exceed the action range; the
     # env clips, and so do we, explicitly.
     warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
-    key = (task, cfg.image_size, cfg.cameras)
+    key = (task, cfg.image_size, cfg.image_width, cfg.cameras)
     if key not in _ENVS:  # env construction costs ~0.2 s: reuse one per task in each worker
-        _ENVS[key] = (MetaWorldEnv(task, cfg.image_size, cfg.cameras), expert_policy(task))
+        _ENVS[key] = (make_env(task, cfg.image_size, cfg.cameras, cfg.image_width), expert_policy(task))
     env, policy = _ENVS[key]
+    with_objects = bool(suite_of(task).object_names)
     obs = env.reset(seed)
-    if hasattr(policy, "reset"):  # our memory tasks' experts keep a phase; MetaWorld's are stateless
+    if hasattr(policy, "reset"):  # our experts keep a phase or a plan; MetaWorld's are stateless
         policy.reset(obs)
     states, objects, actions, frames = [], [], [], {c: [] for c in cfg.cameras}
     render_s = sim_s = 0.0
@@ -70,9 +70,10 @@ def rollout_expert(task: str, seed: int, cfg: CollectConfig) -> Episode:
         for cam, image in env.render().items():
             frames[cam].append(image)
         t1 = time.perf_counter()
-        action = np.clip(policy.get_action(obs), -1.0, 1.0).astype(np.float32)
-        states.append(obs[:4].astype(np.float32))
-        objects.append(object_positions(obs))
+        action = env.clip(policy.get_action(obs)).astype(np.float32)
+        states.append(env.state(obs).astype(np.float32))
+        if with_objects:
+            objects.append(object_positions(obs))
         actions.append(action)
         obs, success = env.step(action, cfg.action_repeat)
         sim_s += time.perf_counter() - t1
@@ -86,7 +87,7 @@ def rollout_expert(task: str, seed: int, cfg: CollectConfig) -> Episode:
         seed=seed,
         success=success_at is not None,
         states=np.stack(states),
-        objects=np.stack(objects),
+        objects=np.stack(objects) if with_objects else None,
         actions=np.stack(actions),
         images={c: np.stack(v) for c, v in frames.items()},
         render_s=render_s,
@@ -111,20 +112,22 @@ def quiet_encoders() -> None:
 
 
 def dataset_features(cfg: CollectConfig) -> dict:
-    from lingbot.sim.metaworld import ACTION_NAMES, OBJECT_NAMES, STATE_NAMES
+    from lingbot.sim.suite import image_width, suite_of
 
-    features = {
-        "observation.state": {"dtype": "float32", "shape": (len(STATE_NAMES),), "names": list(STATE_NAMES)},
-        # Privileged: where the task's object and goal are (LeRobot's name for it, as in its pusht and
-        # aloha datasets). No policy reads it; it scores what the VAE keeps of the objects.
-        "observation.environment_state": {"dtype": "float32", "shape": (len(OBJECT_NAMES),),
-                                          "names": list(OBJECT_NAMES)},
-        "action": {"dtype": "float32", "shape": (len(ACTION_NAMES),), "names": list(ACTION_NAMES)},
-    }
+    suite = suite_of(cfg.tasks)
+    features = {"observation.state": {"dtype": "float32", "shape": (len(suite.state_names),),
+                                      "names": list(suite.state_names)}}
+    if suite.object_names:
+        # Privileged: where the task's object and goal are (LeRobot's name for it, as in its pusht
+        # dataset). No policy reads it; it scores what the VAE keeps of the objects.
+        features["observation.environment_state"] = {"dtype": "float32", "shape": (len(suite.object_names),),
+                                                     "names": list(suite.object_names)}
+    features["action"] = {"dtype": "float32", "shape": (len(suite.action_names),), "names": list(suite.action_names)}
+    width = image_width(cfg.tasks[0], cfg.image_size, cfg.image_width)
     for cam in cfg.cameras:
         features[f"observation.images.{cam}"] = {
             "dtype": "video",
-            "shape": (cfg.image_size, cfg.image_size, 3),
+            "shape": (cfg.image_size, width, 3),
             "names": ["height", "width", "channels"],
         }
     return features
@@ -141,20 +144,24 @@ def canonical_stats(path: Path) -> None:
 
 
 def _check(cfg: CollectConfig) -> None:
-    from lingbot.sim.metaworld import SIM_HZ, task_names
+    from lingbot.sim.suite import suite_of, task_names
 
     known = set(task_names())
     for task in cfg.tasks:
         if task not in known:
-            raise LingbotError(f"collect: unknown MetaWorld task {task!r} (e.g. drawer-open-v3, push-v3)")
+            raise LingbotError(f"collect: unknown task {task!r} (e.g. drawer-open-v3, push-v3, aloha-transfer-cube)")
     if not cfg.tasks:
         raise LingbotError("collect: no tasks given")
+    try:
+        sim_hz = suite_of(cfg.tasks).sim_hz
+    except ValueError as exc:
+        raise LingbotError(f"collect: {exc}") from None
     if cfg.episodes < 1:
         raise LingbotError(f"collect: episodes must be >= 1, got {cfg.episodes}")
-    if SIM_HZ % cfg.action_repeat:
-        raise LingbotError(f"collect: action_repeat must divide {SIM_HZ}, got {cfg.action_repeat}")
-    if cfg.image_size < 16:
-        raise LingbotError(f"collect: image_size must be >= 16, got {cfg.image_size}")
+    if sim_hz % cfg.action_repeat:
+        raise LingbotError(f"collect: action_repeat must divide {sim_hz}, got {cfg.action_repeat}")
+    if cfg.image_size < 16 or (cfg.image_width and cfg.image_width < 16):
+        raise LingbotError(f"collect: image_size and image_width must be >= 16, got {cfg.image_size}, {cfg.image_width}")
     from lerobot.configs.video import RGBEncoderConfig
 
     try:
@@ -175,11 +182,12 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, cluster=None) 
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     from lingbot.progress import progress_bar
-    from lingbot.sim.metaworld import SIM_HZ, task_description
+    from lingbot.sim.suite import suite_of, task_description
 
     _check(cfg)
     quiet_encoders()
-    fps = SIM_HZ // cfg.action_repeat
+    suite = suite_of(cfg.tasks)
+    fps = suite.sim_hz // cfg.action_repeat
     max_attempts = cfg.episodes * cfg.max_attempts_factor
     kept = {t: 0 for t in cfg.tasks}
     dropped = {t: 0 for t in cfg.tasks}
@@ -195,7 +203,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, cluster=None) 
             fps=fps,
             features=dataset_features(cfg),
             root=tmp,
-            robot_type=ROBOT_TYPE,
+            robot_type=suite.robot_type,
             use_videos=True,
             video_backend="pyav",  # torchcodec needs system FFmpeg libraries; PyAV ships its own
             rgb_encoder=RGBEncoderConfig(vcodec=cfg.video_codec, pix_fmt=cfg.pix_fmt, crf=cfg.crf),
@@ -236,12 +244,10 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, cluster=None) 
                     continue
                 instruction = task_description(episode.task)
                 for t in range(len(episode.actions)):
-                    frame = {
-                        "observation.state": episode.states[t],
-                        "observation.environment_state": episode.objects[t],
-                        "action": episode.actions[t],
-                        "task": instruction,
-                    }
+                    frame = {"observation.state": episode.states[t]}
+                    if episode.objects is not None:
+                        frame["observation.environment_state"] = episode.objects[t]
+                    frame |= {"action": episode.actions[t], "task": instruction}
                     for cam in cfg.cameras:
                         frame[f"observation.images.{cam}"] = episode.images[cam][t]
                     dataset.add_frame(frame)

@@ -142,11 +142,14 @@ def build_card(repo_id: str, tag: str, bundle_meta: dict, metrics: dict, demos: 
     """README.md text of a release."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    from lingbot.sim.suite import is_aloha
+
     tasks = _per_task(metrics)
     eval_results = [
-        EvalResult(task_type="robotics", task_name="Robot manipulation", dataset_type="metaworld",
-                   dataset_name=f"MetaWorld {task} (simulation)", dataset_config=task,
-                   metric_type="success_rate", metric_name="Success rate",
+        EvalResult(task_type="robotics", task_name="Robot manipulation",
+                   dataset_type="aloha" if is_aloha(task) else "metaworld",
+                   dataset_name=f"{'ALOHA' if is_aloha(task) else 'MetaWorld'} {task} (simulation)",
+                   dataset_config=task, metric_type="success_rate", metric_name="Success rate",
                    metric_value=round(float(m["success_rate"]), 4))
         for task, m in tasks.items() if isinstance(m.get("success_rate"), (int, float))
     ]

@@ -1,8 +1,10 @@
-"""Simulation evaluation: roll a policy bundle out in MetaWorld, in parallel processes, and score it.
+"""Simulation evaluation: roll a policy bundle out in its suite (MetaWorld or ALOHA, by task id), in
+parallel processes, and score it.
 
 Each episode: reset the task with a held-out seed (EvalConfig.seed + episode number: collect's seeds are
 derived from small run seeds), stream every rendered frame to the policy session, execute each action
-chunk at the dataset's rate (sim steps per action = 80 Hz / fps), stop at success or `max_steps`.
+chunk at the dataset's rate (control steps per action = the suite's Hz / fps: MetaWorld 80 Hz, ALOHA
+50 Hz), stop at success or `max_steps`.
 
 Outputs (directory `out`)::
 
@@ -32,7 +34,7 @@ import numpy as np
 from lingbot.config import EvalConfig
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir, is_timing, write_json
-from lingbot.sim.metaworld import SIM_HZ, STATE_DIM, MetaWorldEnv, task_description
+from lingbot.sim.suite import make_env, suite_of, task_description
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -51,10 +53,11 @@ def _camera_names(keys: list[str]) -> tuple[str, ...]:
 
 
 def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = False) -> dict:
-    """One rollout of `policy` (a loaded Policy) on MetaWorld `task`; frames kept when `record`."""
+    """One rollout of `policy` (a loaded Policy) on `task`; frames kept when `record`."""
     meta = policy.meta
-    env = MetaWorldEnv(task, int(meta["image_size"][0]), _camera_names(policy.cameras))
-    repeat = max(1, round(SIM_HZ / meta["fps"]))
+    height, width = (int(v) for v in meta["image_size"])
+    env = make_env(task, height, _camera_names(policy.cameras), width)
+    repeat = max(1, round(suite_of(task).sim_hz / meta["fps"]))
     session = policy.new_session(task_description(task), seed=seed)
     keys = dict(zip(_camera_names(policy.cameras), policy.cameras))
     frames = []
@@ -63,7 +66,7 @@ def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = Fa
         images = env.render()
         if record:
             frames.append(images[next(iter(keys))])
-        return {**{keys[name]: image for name, image in images.items()}, policy.state_key: raw[:STATE_DIM]}
+        return {**{keys[name]: image for name, image in images.items()}, policy.state_key: env.state(raw)}
 
     try:
         obs = observation(env.reset(seed))
@@ -72,7 +75,7 @@ def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = Fa
         while steps < cfg.max_steps and not success:
             chunk = session.infer(obs)
             for i, action in enumerate(chunk):
-                raw, reached = env.step(np.clip(action, -1.0, 1.0), repeat)
+                raw, reached = env.step(env.clip(action), repeat)
                 steps += 1
                 success = success or reached
                 obs = observation(raw)
@@ -149,7 +152,7 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
     instead of the local pool; an episode is a function of its seed, so the outcomes are the same.
     """
     from lingbot.policy.bundle import read_bundle
-    from lingbot.sim.metaworld import task_names
+    from lingbot.sim.suite import task_names
 
     if load is None:
         read_bundle(bundle)  # fail fast, in this process, on a broken bundle
@@ -158,7 +161,7 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
     known = set(task_names())
     for task in cfg.tasks:
         if task not in known:
-            raise LingbotError(f"evaluate: unknown MetaWorld task {task!r}")
+            raise LingbotError(f"evaluate: unknown task {task!r} (e.g. drawer-open-v3, aloha-transfer-cube)")
     if cfg.episodes < 1:
         raise LingbotError("evaluate: episodes must be >= 1")
     jobs = [(task, cfg.seed + i, cfg, i < cfg.videos) for task in cfg.tasks for i in range(cfg.episodes)]
@@ -234,7 +237,7 @@ def write_videos(bundle: Path, recorded: list[dict], out: Path) -> None:
 
 
 def write_plots(summary: dict, results_dir: Path, tasks: tuple[str, ...], tasks_tsv: Path, latency_tsv: Path,
-                error_tsv: Path | None = None, metaworld: bool = True) -> None:
+                error_tsv: Path | None = None, simulated: bool = True) -> None:
     """DVC plots: per-task success bars (and each task's open-loop action error), the mean policy
     latency per chunk index, and the open-loop action error per horizon step (`error_tsv`).
 
@@ -242,14 +245,13 @@ def write_plots(summary: dict, results_dir: Path, tasks: tuple[str, ...], tasks_
     success columns. `results_dir` holds the timings.json the latencies come from.
     """
     from lingbot.fsutil import atomic_file
-    from lingbot.sim.metaworld import task_description
 
     def fmt(key: str, spec: str = ".4f") -> str:
         return format(summary[key], spec) if key in summary else "nan"
 
     offline_tasks = sorted({k[len("offline/"):].rpartition("/")[0] for k in summary
                             if k.startswith("offline/") and k.endswith("/task_action_error")})
-    rows = [(t, task_description(t) if metaworld else t) for t in tasks] or [(t, t) for t in offline_tasks]
+    rows = [(t, task_description(t) if simulated else t) for t in tasks] or [(t, t) for t in offline_tasks]
     with atomic_file(tasks_tsv) as tmp:
         lines = ["task\tsuccess_rate\tci_low\tci_high\tepisodes\taction_error"]
         lines += [f"{t}\t{fmt(f'{t}/success_rate')}\t{fmt(f'{t}/success_ci_low')}\t{fmt(f'{t}/success_ci_high')}\t"

@@ -49,7 +49,9 @@ def evaluate_lerobot(bundle: Path, cfg: EvalConfig, out: Path) -> dict:
     """Roll `bundle` out in LeRobot env `cfg.lerobot_env` on each of `cfg.tasks`; write `out`, return metrics."""
     from lerobot_policy_lingbot.export import write_lerobot_files
 
+    from lingbot.sim import aloha
     from lingbot.sim.evaluate import wilson_interval
+    from lingbot.sim.suite import is_aloha
 
     if cfg.episodes < 1:
         raise LingbotError("evaluate: episodes must be >= 1")
@@ -61,10 +63,11 @@ def evaluate_lerobot(bundle: Path, cfg: EvalConfig, out: Path) -> dict:
         write_lerobot_files(policy)
         for task in cfg.tasks:
             run = Path(tmp) / f"eval-{len(results)}"
+            lerobot_task = aloha.lerobot_task(task) if is_aloha(task) else task  # ALOHA: LeRobot's gym id
             args = [sys.executable, "-m", "lingbot.sim.lerobot_env", str(cfg.max_steps * hold),
                     f"--policy.path={policy}", f"--policy.env_fps={env_fps}",
                     f"--policy.camera_map={json.dumps(camera_map(cfg))}", "--policy.device=cpu",
-                    f"--env.type={cfg.lerobot_env}", f"--env.task={task}", f"--eval.n_episodes={cfg.episodes}",
+                    f"--env.type={cfg.lerobot_env}", f"--env.task={lerobot_task}", f"--eval.n_episodes={cfg.episodes}",
                     "--eval.batch_size=1", "--eval.use_async_envs=false", f"--seed={cfg.seed}",
                     f"--output_dir={run}"]
             env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}

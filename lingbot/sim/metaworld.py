@@ -102,8 +102,9 @@ class MetaWorldEnv:
     """One MetaWorld task with goal-observable state, seeded resets and fast cameras."""
 
     task: str
-    image_size: int
+    image_size: int  # image height, pixels
     cameras: tuple[str, ...]
+    image_width: int = 0  # 0: square
 
     def __post_init__(self) -> None:
         import mujoco
@@ -124,13 +125,14 @@ class MetaWorldEnv:
         # 4x MSAA triples the software-render cost (30 -> 9.5 ms at 64x64); a framebuffer of exactly
         # the image size avoids rendering pixels nobody reads.
         model.vis.quality.offsamples = 0
-        model.vis.global_.offwidth = self.image_size
+        width = self.image_width or self.image_size
+        model.vis.global_.offwidth = width
         model.vis.global_.offheight = self.image_size
         # Goal markers are 2 cm spheres that vanish at 64x64: draw them larger (sites never collide).
         goal = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, "goal")
         if goal >= 0:
             model.site_size[goal] = np.maximum(model.site_size[goal], GOAL_MARKER_RADIUS)
-        self.renderer = mujoco.Renderer(model, self.image_size, self.image_size)
+        self.renderer = mujoco.Renderer(model, self.image_size, width)
         flags = self.renderer.scene.flags
         for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
                      mujoco.mjtRndFlag.mjRND_SKYBOX):
@@ -151,6 +153,12 @@ class MetaWorldEnv:
         if self.counter is not None:
             self.counter.reset(obs)
         return obs
+
+    def state(self, obs: np.ndarray) -> np.ndarray:
+        return obs[:STATE_DIM]
+
+    def clip(self, action: np.ndarray) -> np.ndarray:
+        return np.clip(action, -1.0, 1.0)
 
     def step(self, action: np.ndarray, repeat: int = 1) -> tuple[np.ndarray, bool]:
         """Apply `action` for `repeat` sim steps; returns the last obs and whether success was reached."""
