@@ -50,6 +50,19 @@ PEER_ARGS = {
                   "--policy.num_inference_steps=10", "--policy.pretrained_backbone_weights=null"],
 }
 PEERS = tuple(PEER_ARGS)
+# ALOHA (50 Hz, 400-step episodes, 14 joints): ACT's own setting for its sim tasks, a chunk of 100 actions
+# (2 s) executed whole (LeRobot's default; ACT's paper adds temporal ensembling, not used here), so it
+# plans 4 times per episode; the world model plans every 8 actions (latents.frame_stride 2). Diffusion
+# Policy re-plans every 8 of a 16-step horizon. The model sizes stay the CPU-sized ones above.
+ALOHA_ARGS = {
+    "act": ["--policy.chunk_size=100", "--policy.n_action_steps=100"],
+    "diffusion": ["--policy.horizon=16", "--policy.n_action_steps=8", "--policy.drop_n_last_frames=7"],
+}
+
+
+def peer_args(kind: str, robot_type: str) -> list[str]:
+    """`lerobot-train` policy flags of peer `kind` for a dataset of `robot_type` (the last flag wins)."""
+    return [*PEER_ARGS[kind], *(ALOHA_ARGS[kind] if robot_type == "aloha" else [])]
 
 
 def train_peer(kind: str, demos: Path, episodes: list[int], out: Path, steps: int, batch_size: int = 8,
@@ -73,7 +86,7 @@ def train_peer(kind: str, demos: Path, episodes: list[int], out: Path, steps: in
         run_dir = Path(tmp) / "run"
         args = [sys.executable, "-m", "lerobot.scripts.lerobot_train",
                 f"--dataset.repo_id=local/{dataset.parent.name}", f"--dataset.root={dataset}",
-                f"--dataset.episodes={json.dumps(sorted(episodes))}", f"--policy.type={kind}", *PEER_ARGS[kind],
+                f"--dataset.episodes={json.dumps(sorted(episodes))}", f"--policy.type={kind}", *peer_args(kind, described.get("robot_type", "")),
                 f"--policy.input_features={json.dumps(inputs)}",
                 "--policy.push_to_hub=false", "--policy.device=cpu", f"--steps={steps}", f"--batch_size={batch_size}",
                 "--num_workers=0", f"--output_dir={run_dir}", f"--save_freq={steps}",
