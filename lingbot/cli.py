@@ -356,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--preset", default="small", help="named preset (default: small)")
         return p
 
-    p = with_config(sub.add_parser("collect", help="scripted-expert MetaWorld demos -> LeRobot v3 dataset"))
+    p = with_config(sub.add_parser("collect", help="scripted-expert MetaWorld or ALOHA demos -> LeRobot v3 dataset"))
     p.add_argument("--task", action="append",
-                   help="MetaWorld task id, e.g. drawer-open-v3, or our memory task button-press-twice (repeatable)")
+                   help="task id, e.g. drawer-open-v3, our memory task button-press-twice, aloha-transfer-cube (repeatable)")
     p.add_argument("--episodes", type=int, help="successful episodes per task")
     p.add_argument("--camera", action="append", help="MuJoCo camera name (repeatable)")
     p.add_argument("--image-size", type=int, dest="image_size")
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="latent cache the checkpoint was trained on (stats, task embeddings)")
     p.add_argument("--demos", help="ingested dataset: score the policy open loop on its held-out episodes too")
     p.add_argument("--env", choices=["sim", "offline"], help="override evaluate.env")
-    p.add_argument("--task", action="append", help="MetaWorld task id (repeatable; default: params)")
+    p.add_argument("--task", action="append", help="MetaWorld or ALOHA task id (repeatable; default: params)")
     p.add_argument("--episodes", type=int, help="episodes per task")
     p.add_argument("--seed", type=int, help="first episode seed (default: params; another base gives a tuning set)")
     p.add_argument("--workers", type=int, help="rollout processes")

@@ -107,7 +107,6 @@ class AlohaEnv:
 
     def __post_init__(self) -> None:
         import mujoco
-        from dm_control.rl import control  # noqa: F401  (dm_control's suite needs its control module)
         from gym_aloha.constants import DT
         from gym_aloha.tasks.sim import InsertionTask, TransferCubeTask
 
@@ -171,15 +170,8 @@ class AlohaEnv:
 # ----------------------------------------------------------------------------------------------------
 # The scripted expert: end-effector waypoints through the mocap scenes, replayed in joint space.
 
-def quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamilton product of two wxyz quaternions."""
-    w1, x1, y1, z1 = a
-    w2, x2, y2, z2 = b
-    return np.array([w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2, w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
-                     w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2])
-
-
 def axis_quat(axis: tuple[float, float, float], degrees: float) -> np.ndarray:
+    """The wxyz quaternion of a rotation by `degrees` about `axis` (the grippers start at identity)."""
     half = np.deg2rad(degrees) / 2
     return np.array([np.cos(half), *(np.sin(half) * np.asarray(axis, dtype=float))])
 
@@ -215,7 +207,7 @@ def transfer_cube_plan(cube: np.ndarray) -> tuple[list[Waypoint], list[Waypoint]
     table's centre; the left gripper, turned a quarter about x, meets it there, closes, and the right
     one lets go and backs off."""
     meet = np.array([0.0, 0.5, 0.25])
-    down = quat_mul(IDENTITY, axis_quat((0, 1, 0), -60))
+    down = axis_quat((0, 1, 0), -60)
     across = axis_quat((1, 0, 0), 90)
     right = [Waypoint(0, START_RIGHT, IDENTITY, 0), Waypoint(90, cube + [0, 0, 0.08], down, 1),
              Waypoint(130, cube + [0, 0, -0.015], down, 1), Waypoint(170, cube + [0, 0, -0.015], down, 0),
@@ -235,8 +227,7 @@ def insertion_plan(peg: np.ndarray, socket: np.ndarray) -> tuple[list[Waypoint],
     meet = np.array([0.0, 0.5, 0.15])
     depth = 0.04
     lift = 0.00715  # the peg is held this much higher than the socket's axis
-    left_down = quat_mul(IDENTITY, axis_quat((0, 1, 0), 60))
-    right_down = quat_mul(IDENTITY, axis_quat((0, 1, 0), -60))
+    left_down, right_down = axis_quat((0, 1, 0), 60), axis_quat((0, 1, 0), -60)
     left = [Waypoint(0, START_LEFT, IDENTITY, 0), Waypoint(120, socket + [0, 0, 0.08], left_down, 1),
             Waypoint(170, socket + [0, 0, -0.03], left_down, 1), Waypoint(220, socket + [0, 0, -0.03], left_down, 0),
             Waypoint(285, meet + [-0.1, 0, 0], left_down, 0), Waypoint(340, meet - [depth, 0, 0], left_down, 0),
