@@ -181,8 +181,9 @@ class _ExpertPolicy:
 def test_evaluate_records_the_presses_of_a_memory_task(monkeypatch):
     from lingbot.config import EvalConfig
     from lingbot.sim import evaluate as sim_evaluate
+    from lingbot.sim import metaworld
 
-    monkeypatch.setattr(sim_evaluate, "STATE_DIM", 39)
+    monkeypatch.setattr(metaworld, "STATE_DIM", 39)
     cfg = EvalConfig(tasks=("button-press-twice",), max_steps=125)
     results = [sim_evaluate.run_episode(_ExpertPolicy(presses), "button-press-twice", 3, cfg)
                for presses in (1, 2, 3)]
