@@ -48,6 +48,7 @@ import traceback
 from pathlib import Path
 
 from lingbot.errors import LingbotError
+from lingbot.sim.suite import camera_names
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT_MIB = 64  # what one call of the device tool carries: the working tree and the carried paths
@@ -375,10 +376,6 @@ def assets_opened(tasks: list[str], image_size: int, cameras: list[str]) -> set[
     return opened
 
 
-def _camera_names(keys: list[str]) -> list[str]:
-    return [k.rsplit(".", 1)[-1] for k in keys]
-
-
 def slim_metaworld(wheel: Path, tasks: list[str], image_size: int, cameras: list[str], log) -> None:
     """Rewrite MetaWorld's wheel without the meshes and textures the evaluated tasks never open
     (36 MB of it is textures of other scenes)."""
@@ -468,7 +465,7 @@ def prepare(src: Path, dest: Path, limit_bytes: int, run_cfg, wheels: bool = Tru
             (mw,) = (dest / "wheels").glob("metaworld-*.whl")
             image_size = int(json.loads((paths["demos"] / "lingbot.json").read_text())["shapes"]
                              [manifest["cameras"][0]][0])
-            slim_metaworld(mw, eval_tasks, image_size, _camera_names(manifest["cameras"]), log)
+            slim_metaworld(mw, eval_tasks, image_size, list(camera_names(manifest["cameras"])), log)
         else:
             left_out["wheels"] = "--no-wheels"
         if gl:

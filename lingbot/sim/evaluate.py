@@ -34,7 +34,7 @@ import numpy as np
 from lingbot.config import EvalConfig
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir, is_timing, write_json
-from lingbot.sim.suite import make_env, suite_of, task_description
+from lingbot.sim.suite import camera_names, make_env, suite_of, task_description
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -47,19 +47,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _camera_names(keys: list[str]) -> tuple[str, ...]:
-    """LeRobot image keys (observation.images.<camera>) -> MuJoCo camera names."""
-    return tuple(key.rsplit(".", 1)[-1] for key in keys)
-
-
 def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = False) -> dict:
     """One rollout of `policy` (a loaded Policy) on `task`; frames kept when `record`."""
     meta = policy.meta
     height, width = (int(v) for v in meta["image_size"])
-    env = make_env(task, height, _camera_names(policy.cameras), width)
+    env = make_env(task, height, camera_names(policy.cameras), width)
     repeat = max(1, round(suite_of(task).sim_hz / meta["fps"]))
     session = policy.new_session(task_description(task), seed=seed)
-    keys = dict(zip(_camera_names(policy.cameras), policy.cameras))
+    keys = dict(zip(camera_names(policy.cameras), policy.cameras))
     frames = []
 
     def observation(raw):

@@ -37,6 +37,11 @@ def _aloha() -> Suite:
     return Suite("aloha", aloha.SIM_HZ, aloha.ROBOT_TYPE, aloha.STATE_NAMES, aloha.ACTION_NAMES, (), False)
 
 
+def camera_names(keys) -> tuple[str, ...]:
+    """LeRobot image keys (`observation.images.<camera>`) -> the simulator's camera names."""
+    return tuple(key.rsplit(".", 1)[-1] for key in keys)
+
+
 def is_aloha(task: str) -> bool:
     return task.startswith("aloha-")
 
