@@ -222,7 +222,8 @@ def test_the_robot_state_reaches_the_actions_of_its_chunk(tiny_bundle):
 
 
 def test_evaluate_rolls_out_in_metaworld_and_scores(tiny_bundle, tmp_path, tiny_config):
-    from lingbot.sim.evaluate import evaluate, wilson_interval, write_plots
+    from lingbot.eval.metrics import wilson_interval
+    from lingbot.sim.evaluate import evaluate, write_plots
 
     cfg = tiny_config.evaluate
     summary = evaluate(tiny_bundle, cfg, tmp_path / "eval", progress=False)
@@ -246,7 +247,7 @@ def test_evaluate_rolls_out_in_metaworld_and_scores(tiny_bundle, tmp_path, tiny_
 
 
 def test_wilson_interval_known_values():
-    from lingbot.sim.evaluate import wilson_interval
+    from lingbot.eval.metrics import wilson_interval
 
     low, high = wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
@@ -304,3 +305,19 @@ def test_actions_reach_the_data_range_beyond_its_quantiles():
     layout = ChannelLayout(stats, 2, 4)
     clipped = layout.clip(torch.tensor([[5.0, 5.0, 0.0, 0.0], [-5.0, -5.0, 0.0, 0.0]]))
     assert layout.to_robot(clipped.numpy()).tolist() == [[1.0, 2.0], [-1.0, 0.0]]
+
+
+def test_success_metrics_and_runs_pooled_over_seeds():
+    from lingbot.eval.metrics import pooled_runs, success_metrics, wilson_interval
+
+    one = success_metrics([True] * 8 + [False] * 2, "push-v3/")
+    assert one == {"push-v3/success_rate": 0.8, "push-v3/success_ci_low": round(wilson_interval(8, 10)[0], 4),
+                   "push-v3/success_ci_high": round(wilson_interval(8, 10)[1], 4), "push-v3/episodes": 10}
+    runs = [{"success_rate": 0.2, "episodes": 50}, {"success_rate": 0.02, "episodes": 50},
+            {"success_rate": 0.24, "episodes": 50}]
+    pooled = pooled_runs(runs)
+    assert pooled["wins"] == [10, 1, 12]
+    assert pooled["mean"] == pytest.approx(np.mean([0.2, 0.02, 0.24]))
+    assert pooled["std"] == pytest.approx(np.std([0.2, 0.02, 0.24], ddof=1))
+    assert (pooled["ci_low"], pooled["ci_high"]) == wilson_interval(23, 150)
+    assert pooled_runs(runs[:1])["std"] is None

@@ -276,3 +276,21 @@ def test_every_batch_trains_the_longest_history_its_episodes_allow(latent_cache)
             assert b["video"].shape[1] == min(max_chunks, shortest)
     with pytest.raises(LingbotError, match="max_chunks must be >= 2"):
         StepSampler(data, dataclasses.replace(CFG, max_chunks=1), select_episodes(data.manifest, CFG))
+
+
+def test_one_lr_schedule_gives_each_trainer_its_own_factors_exactly():
+    """The world model's, the VAE's and plain BC's schedules are one function; each gives the factors its
+    trainer used before, bit for bit (the committed VAE and checkpoints depend on them)."""
+    import math
+
+    from lingbot.train.schedule import lr_factor
+
+    steps, warmup = 1400, 20
+    for s in range(steps + 1):
+        vae = min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
+        assert lr_factor(s, steps, warmup, decay_from_start=True) == vae
+        assert lr_factor(s, steps, decay_from_start=True) == 0.5 * (1 + math.cos(math.pi * s / steps))  # BC
+        after = 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / (steps - warmup))))
+        assert lr_factor(s, steps, warmup) == ((s + 1) / warmup if s < warmup else after)  # world model
+        assert lr_factor(s, steps, warmup, "constant") == ((s + 1) / warmup if s < warmup else 1.0)
+    assert lr_factor(0, 10, 4) == 0.25 and lr_factor(4, 10, 4) == 1.0 and lr_factor(10, 10, 4) == 0.0

@@ -14,7 +14,6 @@ Saved as `bc.safetensors` + `bc.json` (config, cameras, keys, normalisation): no
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir
+from lingbot.train.schedule import lr_factor
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def train_bc(data: dict, cfg: BCConfig, progress: bool = True, device: str = "cp
         raise LingbotError(f"bc: samples hold chunks of {actions.shape[1]} actions, the config predicts {cfg.chunk}")
     model = ImageBC(images.shape[1], state.shape[1], actions.shape[2], cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, decay_from_start=True))
     losses, start = [], time.perf_counter()
     model.train()
     for _ in progress_bar(progress, iterable=range(cfg.steps), desc="bc"):

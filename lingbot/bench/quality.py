@@ -30,7 +30,8 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
     from lingbot.errors import LingbotError
     from lingbot.train.loop import select_episodes
     from lingbot.fsutil import write_json
-    from lingbot.sim.evaluate import evaluate, wilson_interval
+    from lingbot.eval.metrics import pooled_runs
+    from lingbot.sim.evaluate import evaluate
 
     run_cfg = load_run_config(params)
     own = tuple(run_cfg.evaluate.tasks)
@@ -68,12 +69,11 @@ def bench_bc(params: Path, steps: int | None, episodes: int | None, workers: int
             bc_rows.append(json.loads(path.read_text()))
         entry = {"demos": bc_rows[0]["demos"], "eval_seed": eval_cfg.seed, "episodes": eval_cfg.episodes}
         for name, rows in (("wm", wm["per_seed"]), ("bc", bc_rows)):
-            wins = [round(r["success_rate"] * r["episodes"]) for r in rows]
-            rates = np.array([r["success_rate"] for r in rows])
-            low, high = wilson_interval(sum(wins), sum(r["episodes"] for r in rows))
-            entry |= {f"{name}_success": round(float(rates.mean()), 4),
-                      f"{name}_std": round(float(rates.std(ddof=1)), 4) if len(rows) > 1 else None,
-                      f"{name}_wins_per_seed": wins, f"{name}_ci_low": round(low, 4), f"{name}_ci_high": round(high, 4)}
+            pooled = pooled_runs(rows)
+            entry |= {f"{name}_success": round(pooled["mean"], 4),
+                      f"{name}_std": None if pooled["std"] is None else round(pooled["std"], 4),
+                      f"{name}_wins_per_seed": pooled["wins"], f"{name}_ci_low": round(pooled["ci_low"], 4),
+                      f"{name}_ci_high": round(pooled["ci_high"], 4)}
             seconds = [r["train_seconds"] for r in rows if r.get("train_seconds")]
             entry[f"{name}_train_seconds"] = round(float(np.mean(seconds)), 1) if seconds else None
         if entry["wm_train_seconds"] is None:  # the dvc repro run alone: its pretrain + finetune time
@@ -162,8 +162,9 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
     from lingbot.config import chain_seeds, load_run_config
     from lingbot.errors import LingbotError
     from lingbot.fsutil import write_json
+    from lingbot.eval.metrics import pooled_runs, wilson_interval
     from lingbot.policy.bundle import write_bundle
-    from lingbot.sim.evaluate import evaluate, wilson_interval
+    from lingbot.sim.evaluate import evaluate
     from lingbot.train.loop import train
 
     run_cfg = retarget(load_run_config(params), target, demos)
@@ -214,26 +215,25 @@ def bench_seeds(params: Path, seeds: list[int], workers: int, out: Path, with_ru
                                 "finetune_seconds": round(finetune_s, 1), "latency_ms": summary["latency_ms_p95"],
                                 "pretrain_seed": cfg.pretrain.seed, "finetune_seed": cfg.finetune.seed})
         rows.append(json.loads(result.read_text()))
-    rates = np.array([r["success_rate"] for r in rows])
-    wins = [round(r["success_rate"] * r["episodes"]) for r in rows]
+    pooled = pooled_runs(rows)
+    wins = pooled["wins"]
     per_seed = {}
     for r, k in zip(rows, wins):
         low, high = wilson_interval(k, r["episodes"])
         label = f"seed{r['seed']}" + (" (dvc repro)" if r["source"] == "reports/eval.json" else "")
         per_seed[label] = f"{k}/{r['episodes']} [{low:.2f}, {high:.2f}]"
-    pooled = wilson_interval(sum(wins), sum(r["episodes"] for r in rows))
     return {
         "bench": "seeds",
         "tasks": ",".join(eval_cfg.tasks),
         "eval_seed": eval_cfg.seed,
         "runs": len(rows),
         **per_seed,
-        "success_mean": round(float(rates.mean()), 4),
-        "success_std": round(float(rates.std(ddof=1)), 4) if len(rows) > 1 else None,
-        "success_min": round(float(rates.min()), 4),
-        "success_max": round(float(rates.max()), 4),
-        "pooled_ci_low": round(pooled[0], 4),
-        "pooled_ci_high": round(pooled[1], 4),
+        "success_mean": round(pooled["mean"], 4),
+        "success_std": None if pooled["std"] is None else round(pooled["std"], 4),
+        "success_min": round(pooled["min"], 4),
+        "success_max": round(pooled["max"], 4),
+        "pooled_ci_low": round(pooled["ci_low"], 4),
+        "pooled_ci_high": round(pooled["ci_high"], 4),
         "per_seed": [dict(r, wins=k) for r, k in zip(rows, wins)],
     }
 
@@ -244,7 +244,7 @@ def _world_model_row(params: Path, run_cfg, own: tuple, demos: int | None, worke
     run by `bench_seeds` at the params' seed (kept in `seeds_out`)."""
     from lingbot.errors import LingbotError
     from lingbot.fsutil import timings_path
-    from lingbot.sim.evaluate import wilson_interval
+    from lingbot.eval.metrics import wilson_interval
 
     target, own_task = run_cfg.evaluate.tasks[0], tuple(run_cfg.evaluate.tasks) == own
     row = {"method": "lingbot world model", "target": target}
@@ -286,7 +286,8 @@ def bench_peers(params: Path, peers: list[str], budget_s: float | None, workers:
     from lingbot.data.latents import LatentWindows
     from lingbot.errors import LingbotError
     from lingbot.fsutil import write_json
-    from lingbot.sim.evaluate import evaluate, wilson_interval
+    from lingbot.eval.metrics import wilson_interval
+    from lingbot.sim.evaluate import evaluate
     from lingbot.train.loop import select_episodes
 
     run_cfg = load_run_config(params)

@@ -25,7 +25,6 @@ of the rollout loop: sim, rendering and policy).
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -33,18 +32,9 @@ import numpy as np
 
 from lingbot.config import EvalConfig
 from lingbot.errors import LingbotError
+from lingbot.eval.metrics import success_metrics
 from lingbot.fsutil import atomic_dir, is_timing, write_json
 from lingbot.sim.suite import camera_names, make_env, suite_of, task_description
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate (sound at 0/n and n/n, unlike the normal one)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = False) -> dict:
@@ -182,11 +172,8 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
 def summarize(results: list[dict], tasks: tuple[str, ...]) -> dict:
     """Flat metrics: overall and `<task>/...` success rates with Wilson intervals, length, latency, Hz."""
     def block(rows: list[dict]) -> dict:
-        wins = sum(r["success"] for r in rows)
-        low, high = wilson_interval(wins, len(rows))
-        metrics = {"success_rate": wins / len(rows), "success_ci_low": round(low, 4),
-                   "success_ci_high": round(high, 4), "episodes": len(rows),
-                   "mean_episode_length": float(np.mean([r["length"] for r in rows]))}
+        metrics = success_metrics([r["success"] for r in rows]) | {
+            "mean_episode_length": float(np.mean([r["length"] for r in rows]))}
         if rows and all("presses" in r for r in rows):  # memory task: episodes by presses made (3: 3 or more)
             for n in range(4):
                 metrics[f"episodes_{n}_presses"] = sum(min(r["presses"], 3) == n for r in rows)

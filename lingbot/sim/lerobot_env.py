@@ -50,7 +50,7 @@ def evaluate_lerobot(bundle: Path, cfg: EvalConfig, out: Path) -> dict:
     from lerobot_policy_lingbot.export import write_lerobot_files
 
     from lingbot.sim import aloha
-    from lingbot.sim.evaluate import wilson_interval
+    from lingbot.eval.metrics import success_metrics
     from lingbot.sim.suite import is_aloha
 
     if cfg.episodes < 1:
@@ -86,10 +86,7 @@ def evaluate_lerobot(bundle: Path, cfg: EvalConfig, out: Path) -> dict:
         write_json(target / "timings.json", [{"task": "all", "latency_ms": [], "wall_s": round(seconds, 1)}])
     summary = {}
     for name, rows in [("", results)] + [(f"{t}/", [r for r in results if r["task"] == t]) for t in cfg.tasks]:
-        wins = sum(r["success"] for r in rows)
-        low, high = wilson_interval(wins, len(rows))
-        summary |= {f"{name}success_rate": wins / max(1, len(rows)), f"{name}success_ci_low": round(low, 4),
-                    f"{name}success_ci_high": round(high, 4), f"{name}episodes": len(rows)}
+        summary |= success_metrics([r["success"] for r in rows], name)
     return summary
 
 

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from lingbot.config import ModelConfig, TrainConfig
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir, atomic_file, write_json
+from lingbot.train.schedule import lr_factor
 from lingbot.train.parallel import PARALLEL, apply_fsdp, clip_grad_norm_, full_state, load_full_state
 
 logger = logging.getLogger("lingbot.train")
@@ -97,15 +97,6 @@ def select_episodes(manifest: dict, cfg: TrainConfig, split: str = "train") -> l
 
 # ----------------------------------------------------------------------------------------------------
 # Optimisation pieces.
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -376,7 +367,7 @@ def _train(cfg, model_cfg, cache, out, init_from, stop_after, progress, rank, wo
     t0, samples, tokens = time.perf_counter(), 0, 0
     while step < end:
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
+            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup, cfg.schedule)
         # Each process loads only its rows; the noise is drawn for the global batch from one seeded
         # generator and sliced, so N processes compute exactly what one would.
         batch = sampler.batch(step, rows=rows)

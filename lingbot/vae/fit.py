@@ -19,10 +19,12 @@ from lingbot.config import VAEConfig
 from lingbot.data.lerobot_io import iter_episode_frames, open_layout
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir, atomic_file
+from lingbot.train.schedule import lr_factor
 from lingbot.vae.wan import build_vae, encode_clip, load_vae, to_pixels, usable_frames
 
 EVAL_FRAMES = 17  # 1 + 4*4 frames scored per held-out episode and camera
 STATS_CLIPS = 48  # training clips encoded to measure the latent normalisation
+WARMUP_STEPS = 20  # the learning rate's linear ramp, under a cosine over all steps
 
 
 def read_demos(demos: Path) -> tuple[dict, dict, object]:
@@ -136,8 +138,7 @@ def train(vae, clips: list[np.ndarray], cfg: VAEConfig, progress: bool = True,
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, cfg.steps)))
-    )
+        opt, lambda s: lr_factor(s, cfg.steps, WARMUP_STEPS, decay_from_start=True))
     device = vae.device
     # bf16 autocast where it is native: 1.2x faster steps on a CPU with AVX512-BF16 (and the usual win
     # on GPUs); the weights, the loss and the optimizer stay fp32, scoring and latent statistics run in fp32.
