@@ -92,36 +92,35 @@ def test_cache_from_other_inputs_is_refused(cache, ingested, vae_dir, tmp_path):
         LatentWindows(work, expect={"vae": vae_fingerprint(other_vae)})
 
 
-def test_windows_dataset_yields_model_ready_tensors(cache):
+def test_windows_and_the_step_sampler_yield_model_ready_tensors(cache):
+    from lingbot.config import TrainConfig
+    from lingbot.train.loop import StepSampler
+
     out, _ = cache
-    data = LatentWindows(out, split="train", min_chunks=2, max_chunks=4, seed=7)
+    data = LatentWindows(out, split="train")
     manifest = data.manifest
-    item = data[0]
-    n = len(item["video"])
-    assert 2 <= n <= 4
+    item = data.window(data.episodes[0], 1, 2)
     cams, z = len(manifest["cameras"]), manifest["z_dim"]
-    assert item["video"].shape[:3] == (n, cams, z) and item["video"].dtype == torch.float32
-    assert item["actions"].shape == (n, 4, 4) and item["action_mask"].dtype == torch.bool
+    assert item["video"].shape[:3] == (2, cams, z) and item["video"].dtype == torch.float32
+    assert item["actions"].shape == (2, 4, 4) and item["action_mask"].dtype == torch.bool
     assert item["task"].shape == (1, 384)
-    # Same seed and epoch: same window; another epoch: a fresh draw over the epochs.
-    again = LatentWindows(out, split="train", min_chunks=2, max_chunks=4, seed=7)[0]
-    assert again["start"] == item["start"] and torch.equal(again["video"], item["video"])
-    draws = set()
-    for epoch in range(8):
-        data.set_epoch(epoch)
-        draws.add((data[0]["start"], len(data[0]["video"])))
-    assert len(draws) > 1
     # Quantile-normalised actions: q01..q99 of the train actions map to -1..1.
     stats = manifest["stats"]["action"]
-    raw = item["actions"][item["action_mask"]]
-    assert raw.abs().max() < 3
-    assert len(stats["q01"]) == 4
-    batch = collate_windows([data[i] for i in range(len(data))])
-    m = batch["video"].shape[1]
-    assert batch["video"].shape[0] == len(data) and batch["actions"].shape[:2] == (len(data), m)
-    loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate_windows, num_workers=2,
-                                         multiprocessing_context="spawn")
-    assert sum(b["video"].shape[0] for b in loader) == len(data)
+    assert item["actions"][item["action_mask"]].abs().max() < 3 and len(stats["q01"]) == 4
+    # One sampler: the same (seed, step) gives the same batch, other steps other draws; every window
+    # of a batch as long as its shortest episode allows.
+    cfg = TrainConfig(batch_size=3, max_chunks=4, seed=7)
+    sampler = StepSampler(data, cfg, data.episodes)
+    batch = sampler.batch(5)
+    again = StepSampler(LatentWindows(out), cfg, data.episodes).batch(5)
+    assert all(torch.equal(batch[k], again[k]) for k in batch)
+    n = batch["video"].shape[1]
+    assert batch["video"].shape[:3] == (3, n, cams) and batch["actions"].shape[:2] == (3, n)
+    assert n == min(4, *(manifest["episodes"][str(int(e))]["latent_frames"] for e in batch["episode"]))
+    assert len({(tuple(sampler.batch(s)["episode"].tolist()), tuple(sampler.batch(s)["start"].tolist()))
+                for s in range(8)}) > 1
+    with pytest.raises(ValueError, match="different lengths"):
+        collate_windows([data.window(data.episodes[0], 0, 2), data.window(data.episodes[0], 0, 3)])
 
 
 def test_window_gives_each_chunk_the_state_its_actions_start_from(cache):

@@ -66,11 +66,12 @@ def bench_latents(episodes: int, workers: int) -> dict:
 
     import torch
 
-    from lingbot.config import preset
+    from lingbot.config import TrainConfig, preset
     from lingbot.data.collect import collect
     from lingbot.data.ingest import ingest
     from lingbot.data.latents import LatentWindows, build_cache
     from lingbot.data.lerobot_io import iter_episode_frames, open_layout
+    from lingbot.train.loop import StepSampler
     from lingbot.vae.wan import StreamingEncoder, build_vae, encode_clip, load_vae, to_pixels
 
     cfg = preset("small")
@@ -93,22 +94,25 @@ def bench_latents(episodes: int, workers: int) -> dict:
         streamed = torch.stack([o for t in range(17) if (o := stream.push(clip[:, :, t])) is not None], dim=2)
         stream_diff = float((streamed - whole).abs().max())
 
-        data = LatentWindows(tmp / "latents", min_chunks=4, max_chunks=4)
+        # Windows of 4 chunks as training draws them: the trainer's sampler, one window a batch.
+        data = LatentWindows(tmp / "latents")
+        sampler = StepSampler(data, TrainConfig(batch_size=1, max_chunks=4), data.episodes)
         n = 200
         t0 = time.perf_counter()
         for i in range(n):
-            data[i % len(data)]
+            sampler.batch(i)
         cached = n / (time.perf_counter() - t0)
 
         # The same windows computed on the fly: decode the episode's frames and encode the window.
         n_online = 6
         t0 = time.perf_counter()
         for i in range(n_online):
-            item = data[i % len(data)]
-            first = max(0, 4 * item["start"] - 3)
+            batch = sampler.batch(i)
+            episode, start, length = int(batch["episode"][0]), int(batch["start"][0]), batch["video"].shape[1]
+            first = max(0, 4 * start - 3)
             for cam in layout.video_keys:
-                ((_, frames, _),) = list(iter_episode_frames(layout, cam, [item["episode"]]))
-                window = frames[first : 1 + 4 * (item["start"] + len(item["video"]) - 1)]
+                ((_, frames, _),) = list(iter_episode_frames(layout, cam, [episode]))
+                window = frames[first : 1 + 4 * (start + length - 1)]
                 encode_clip(vae, to_pixels(window[: 1 + 4 * ((len(window) - 1) // 4)]))
         online = n_online / (time.perf_counter() - t0)
 

@@ -324,18 +324,16 @@ def window_start(rng: np.random.Generator, n_latent: int, length: int, episode_s
     return 0 if episode_start else uniform
 
 
-class LatentWindows(torch.utils.data.Dataset):
-    """Random windows of consecutive chunks from the cache, memory-mapped, ready for the model.
+class LatentWindows:
+    """The cache read as windows of consecutive chunks, memory-mapped, ready for the model. Which
+    windows a training step reads is the trainer's one sampler's choice (`lingbot.train.loop.StepSampler`).
 
-    Item i is an episode of the split; each draw picks a window length in [min_chunks, max_chunks]
-    (capped by the episode) and a start, from a generator seeded by (seed, epoch, i). Returns:
-      video (n, cams, z, h, w), actions (n, k, A) and start_state (n, S: the robot state each chunk's
-      actions start from) quantile-normalised,
-      action_mask (n, k), task (tokens, dim), plus episode and start indices.
+    `window(episode, start, length, phase)`: video (n, cams, z, h, w), actions (n, k, A) and start_state
+    (n, S: the robot state each chunk's actions start from) quantile-normalised, action_mask (n, k),
+    task (tokens, dim), plus the episode, start and phase.
     """
 
-    def __init__(self, cache: Path, split: str = "train", min_chunks: int = 2, max_chunks: int = 8,
-                 seed: int = 0, expect: dict | None = None, episode_start_p: float = 0.0):
+    def __init__(self, cache: Path, split: str = "train", expect: dict | None = None):
         from safetensors.torch import load_file
 
         self.cache = Path(cache)
@@ -343,23 +341,11 @@ class LatentWindows(torch.utils.data.Dataset):
         self.episodes = sorted(int(e) for e, m in self.manifest["episodes"].items() if m["split"] == split)
         if not self.episodes:
             raise LingbotError(f"{self.cache}: no {split} episodes in the cache")
-        self.min_chunks, self.max_chunks, self.seed, self.epoch = min_chunks, max_chunks, seed, 0
-        self.episode_start_p = episode_start_p
         self.tasks = load_file(str(self.cache / "tasks.safetensors"))["embeddings"]
         self._handles: dict[int, object] = {}
 
-    def __getstate__(self) -> dict:
-        # Open shard handles stay behind: each DataLoader worker maps the files itself.
-        return {**self.__dict__, "_handles": {}}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.episodes)
-
     def _shard(self, shard: int):
-        # Opened lazily per process (DataLoader workers fork after __init__): safetensors mmaps the file.
+        # Opened on first use: safetensors maps the file.
         if shard not in self._handles:
             from safetensors import safe_open
 
@@ -389,20 +375,14 @@ class LatentWindows(torch.utils.data.Dataset):
             "phase": phase,
         }
 
-    def __getitem__(self, i: int) -> dict:
-        episode = self.episodes[i]
-        lengths = phase_lengths(self.manifest["episodes"][str(episode)])
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        phase = int(rng.integers(0, len(lengths))) if len(lengths) > 1 else 0
-        n_latent = lengths[phase]
-        length = int(rng.integers(min(self.min_chunks, n_latent), min(self.max_chunks, n_latent) + 1))
-        return self.window(episode, window_start(rng, n_latent, length, self.episode_start_p), length, phase)
 
 
 def collate_windows(items: list[dict]) -> dict:
-    """Batch windows of different lengths by cropping each to the shortest (keeping its start)."""
-    n = min(len(item["video"]) for item in items)
-    batch = {key: torch.stack([item[key][:n] for item in items])
+    """Batch windows of one length (the trainer's sampler draws them so) into tensors."""
+    n = len(items[0]["video"])
+    if any(len(item["video"]) != n for item in items):
+        raise ValueError("collate_windows: windows of different lengths")
+    batch = {key: torch.stack([item[key] for item in items])
              for key in ("video", "actions", "action_mask", "start_state")}
     batch["task"] = torch.stack([item["task"] for item in items])
     batch["episode"] = torch.tensor([item["episode"] for item in items])
