@@ -16,10 +16,21 @@ from pathlib import Path
 
 
 def _run_config(args):
-    """The run's config; also pins torch's CPU threads to its `threads` (results depend on them)."""
-    from lingbot.config import load_run_config, preset
+    """The run's config: the params file or preset, then `--set FIELD=VALUE` and the command's field flags
+    (each a named `--set`, e.g. collect's `--episodes` is `collect.episodes`), all through
+    `config.override`. Also pins torch's CPU threads to its `threads` (results depend on them)."""
+    from lingbot.config import assignments, load_run_config, override, preset
 
     run = load_run_config(args.params) if args.params else preset(args.preset)
+    run = override(run, assignments(run, args.set))
+    for field, dest in args.fields.items():
+        value = getattr(args, dest)
+        if value is not None and value != []:
+            *sections, name = field.split(".")
+            change = {name: value}
+            for section in reversed(sections):
+                change = {section: change}
+            run = override(run, change)
     if args.command in TORCH_COMMANDS:
         import torch
 
@@ -69,19 +80,9 @@ def cmd_collect(args) -> int:
         _write_metrics(args, report)
         print(f"collect: skipped, ingest.source is {source!r} (not {args.out})")
         return 0
-    cfg = run.collect
-    changes = {}
-    if args.task:
-        changes["tasks"] = tuple(args.task)
-    for name in ("episodes", "image_size", "seed", "workers"):
-        if getattr(args, name) is not None:
-            changes[name] = getattr(args, name)
-    if args.camera:
-        changes["cameras"] = tuple(args.camera)
-    cfg = dataclasses.replace(cfg, **changes)
     from lingbot.cluster import active
 
-    report = collect(cfg, Path(args.out), progress=not args.quiet, cluster=active(run.cluster))
+    report = collect(run.collect, Path(args.out), progress=not args.quiet, cluster=active(run.cluster))
     _write_metrics(args, report)
     _print_json(report)
     return 0
@@ -90,16 +91,7 @@ def cmd_collect(args) -> int:
 def cmd_ingest(args) -> int:
     from lingbot.data.ingest import ingest
 
-    cfg = _run_config(args).ingest
-    changes = {"source": args.source}
-    if args.camera:
-        changes["cameras"] = tuple(args.camera)
-    if args.state:
-        changes["state"] = args.state
-    if args.action:
-        changes["action"] = args.action
-    cfg = dataclasses.replace(cfg, **changes)
-    report = ingest(cfg, Path(args.out))
+    report = ingest(_run_config(args).ingest, Path(args.out))
     _write_metrics(args, report)
     _print_json(report)
     return 0
@@ -129,10 +121,8 @@ def cmd_fit_vae(args) -> int:
     from lingbot.vae.fit import fit_vae
 
     cfg = _run_config(args).vae
-    if args.pretrained:
-        cfg = dataclasses.replace(cfg, pretrained=args.pretrained, subfolder=args.subfolder or "")
-    if args.steps is not None:
-        cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.pretrained and args.subfolder is None:  # a VAE named here does not take the params' subfolder
+        cfg = dataclasses.replace(cfg, subfolder="")
     report = fit_vae(cfg, Path(args.demos), Path(args.out), grid_png=args.grid and Path(args.grid),
                      log_tsv=args.log and Path(args.log), progress=not args.quiet)
     _write_metrics(args, report)
@@ -192,10 +182,7 @@ def cmd_train(args) -> int:
     from lingbot.train.loop import train
 
     run = _run_config(args)
-    cfg = getattr(run, args.command)
-    if args.steps is not None:
-        cfg = dataclasses.replace(cfg, steps=args.steps)
-    report = train(cfg, run.model, Path(args.cache), Path(args.out),
+    report = train(getattr(run, args.command), run.model, Path(args.cache), Path(args.out),
                    init_from=Path(args.init) if args.init else None, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         if args.log:
@@ -237,13 +224,6 @@ def cmd_evaluate(args) -> int:
 
     run = _run_config(args)
     cfg = run.evaluate
-    changes = {name: getattr(args, name) for name in ("episodes", "seed", "workers", "videos")
-               if getattr(args, name) is not None}
-    if args.task:
-        changes["tasks"] = tuple(args.task)
-    if args.env:
-        changes["env"] = args.env
-    cfg = dataclasses.replace(cfg, **changes)
     if cfg.env not in ("sim", "offline", "lerobot"):
         hint = " (lingbot's own MetaWorld rollouts are env sim)" if cfg.env == "metaworld" else ""
         raise LingbotError(f"evaluate.env must be sim, offline or lerobot, got {cfg.env!r}{hint}")
@@ -318,9 +298,6 @@ def cmd_publish(args) -> int:
     from lingbot.hub.publish import publish
 
     cfg = _run_config(args).publish
-    changes = {name: getattr(args, name) for name in ("repo_id", "target", "local_dir", "min_success")
-               if getattr(args, name) is not None}
-    cfg = dataclasses.replace(cfg, **changes)
     with _no_hub_progress_bars() if args.quiet else nullcontext():
         report = publish(Path(args.bundle), Path(args.eval), cfg, params=args.params and Path(args.params),
                          lock=args.lock and Path(args.lock), demos=args.demos and Path(args.demos))
@@ -354,16 +331,29 @@ def build_parser() -> argparse.ArgumentParser:
         g = p.add_mutually_exclusive_group()
         g.add_argument("--params", help="params.yaml to read (preset + overrides)")
         g.add_argument("--preset", default="small", help="named preset (default: small)")
+        p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override any config field, dotted (collect.episodes=20, evaluate.tasks=[push-v3]); "
+                            "repeatable, applied after --params/--preset")
+        p.set_defaults(fields={})
         return p
 
+    def field(p, flag, name, **kwargs):
+        """A flag that sets config field `name` (a named --set), e.g. collect's --episodes."""
+        dest = kwargs.pop("dest", flag.lstrip("-").replace("-", "_"))
+        if flag.startswith("-"):
+            p.add_argument(flag, dest=dest, **kwargs)
+        else:
+            p.add_argument(dest, **kwargs)
+        p.set_defaults(fields={**p.get_default("fields"), name: dest})
+
     p = with_config(sub.add_parser("collect", help="scripted-expert MetaWorld or ALOHA demos -> LeRobot v3 dataset"))
-    p.add_argument("--task", action="append",
-                   help="task id, e.g. drawer-open-v3, our memory task button-press-twice, aloha-transfer-cube (repeatable)")
-    p.add_argument("--episodes", type=int, help="successful episodes per task")
-    p.add_argument("--camera", action="append", help="MuJoCo camera name (repeatable)")
-    p.add_argument("--image-size", type=int, dest="image_size")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int, help="rollout processes")
+    field(p, "--task", "collect.tasks", action="append",
+          help="task id, e.g. drawer-open-v3, our memory task button-press-twice, aloha-transfer-cube (repeatable)")
+    field(p, "--episodes", "collect.episodes", type=int, help="successful episodes per task")
+    field(p, "--camera", "collect.cameras", action="append", help="MuJoCo camera name (repeatable)")
+    field(p, "--image-size", "collect.image_size", type=int)
+    field(p, "--seed", "collect.seed", type=int)
+    field(p, "--workers", "collect.workers", type=int, help="rollout processes")
     p.add_argument("--out", required=True, help="dataset directory to write (replaced atomically)")
     p.add_argument("--for-ingest", dest="for_ingest", action="store_true",
                    help="collect only if the params' ingest.source is --out (else leave a placeholder)")
@@ -372,10 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_collect)
 
     p = with_config(sub.add_parser("ingest", help="take in a LeRobot v3 dataset: keys, split, stats"))
-    p.add_argument("source", help="local dataset directory, or Hub dataset org/name@revision")
-    p.add_argument("--camera", action="append", help="camera feature key (repeatable; default: all)")
-    p.add_argument("--state", help="state feature key (default observation.state)")
-    p.add_argument("--action", help="action feature key (default action)")
+    field(p, "source", "ingest.source", help="local dataset directory, or Hub dataset org/name@revision")
+    field(p, "--camera", "ingest.cameras", action="append", help="camera feature key (repeatable; default: all)")
+    field(p, "--state", "ingest.state", help="state feature key (default observation.state)")
+    field(p, "--action", "ingest.action", help="action feature key (default action)")
     p.add_argument("--out", required=True, help="ingest directory to write (replaced atomically)")
     p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
     p.set_defaults(func=cmd_ingest)
@@ -389,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("fit-vae", help="train (or load) the causal video VAE; PSNR/SSIM on held-out"))
     p.add_argument("demos", help="ingest directory")
     p.add_argument("--out", required=True, help="VAE directory to write (diffusers layout)")
-    p.add_argument("--pretrained", help="use this VAE (Hub org/name[@rev] or local dir) instead of training")
-    p.add_argument("--subfolder", help="subfolder of --pretrained holding the VAE (e.g. vae)")
-    p.add_argument("--steps", type=int, help="training steps")
+    field(p, "--pretrained", "vae.pretrained", help="use this VAE (Hub org/name[@rev] or local dir) instead of training")
+    field(p, "--subfolder", "vae.subfolder", help="subfolder of --pretrained holding the VAE (e.g. vae)")
+    field(p, "--steps", "vae.steps", type=int, help="training steps")
     p.add_argument("--grid", help="PNG of held-out originals over reconstructions")
     p.add_argument("--log", help="per-step training log (TSV)")
     p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
@@ -421,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("cache", help="latent cache directory")
         p.add_argument("--out", required=True, help="run directory (checkpoint/, log.tsv); resumes if present")
         p.add_argument("--init", required=(name == "finetune"), help="checkpoint whose EMA weights start the run")
-        p.add_argument("--steps", type=int, help="total optimizer steps")
+        field(p, "--steps", f"{name}.steps", type=int, help="total optimizer steps")
         p.add_argument("--log", help="copy the per-step loss log here (TSV, for DVC plots)")
         p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -446,12 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="VAE directory the checkpoint was trained with")
     p.add_argument("--cache", help="latent cache the checkpoint was trained on (stats, task embeddings)")
     p.add_argument("--demos", help="ingested dataset: score the policy open loop on its held-out episodes too")
-    p.add_argument("--env", choices=["sim", "offline"], help="override evaluate.env")
-    p.add_argument("--task", action="append", help="MetaWorld or ALOHA task id (repeatable; default: params)")
-    p.add_argument("--episodes", type=int, help="episodes per task")
-    p.add_argument("--seed", type=int, help="first episode seed (default: params; another base gives a tuning set)")
-    p.add_argument("--workers", type=int, help="rollout processes")
-    p.add_argument("--videos", type=int, help="rollout videos to write")
+    field(p, "--env", "evaluate.env", choices=["sim", "offline"], help="override evaluate.env")
+    field(p, "--task", "evaluate.tasks", action="append", help="MetaWorld or ALOHA task id (repeatable; default: params)")
+    field(p, "--episodes", "evaluate.episodes", type=int, help="episodes per task")
+    field(p, "--seed", "evaluate.seed", type=int, help="first episode seed (default: params; another base gives a tuning set)")
+    field(p, "--workers", "evaluate.workers", type=int, help="rollout processes")
+    field(p, "--videos", "evaluate.videos", type=int, help="rollout videos to write")
     p.add_argument("--out", required=True, help="results directory (episodes.json, videos/)")
     p.add_argument("--tasks-tsv", dest="tasks_tsv", help="per-task success plot (TSV)")
     p.add_argument("--latency-tsv", dest="latency_tsv", help="latency per chunk plot (TSV)")
@@ -465,10 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", required=True, help="evaluation metrics JSON (reports/eval.json)")
     p.add_argument("--lock", help="dvc.lock: the upstream stages' hashes for the model card")
     p.add_argument("--demos", help="data/demos/lingbot.json: the dataset id, revision and fingerprint")
-    p.add_argument("--repo-id", dest="repo_id", help="override publish.repo_id (org/name)")
-    p.add_argument("--target", choices=["local", "hub"], help="override publish.target")
-    p.add_argument("--local-dir", dest="local_dir", help="override publish.local_dir (the local hub root)")
-    p.add_argument("--min-success", dest="min_success", type=float, help="override publish.min_success")
+    field(p, "--repo-id", "publish.repo_id", help="override publish.repo_id (org/name)")
+    field(p, "--target", "publish.target", choices=["local", "hub"], help="override publish.target")
+    field(p, "--local-dir", "publish.local_dir", help="override publish.local_dir (the local hub root)")
+    field(p, "--min-success", "publish.min_success", type=float, help="override publish.min_success")
     p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
     p.add_argument("--quiet", action="store_true", help="no upload progress bars")
     p.set_defaults(func=cmd_publish)

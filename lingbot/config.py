@@ -389,6 +389,31 @@ def override(config: Any, changes: dict[str, Any], where: str = "") -> Any:
     return dataclasses.replace(config, **updates)
 
 
+def assignments(run: RunConfig, items: list[str]) -> dict[str, Any]:
+    """`["collect.episodes=20", "evaluate.tasks=[push-v3]"]` -> the nested changes `override` takes. A
+    value is read as YAML (numbers, booleans, lists), except for a text field, which takes it as written."""
+    import yaml
+
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise LingbotError(f"--set {item!r}: expected FIELD=VALUE, e.g. collect.episodes=20")
+        *sections, name = key.split(".")
+        node, current = changes, run
+        for section in sections:
+            node = node.setdefault(section, {})
+            current = getattr(current, section, None)
+        if isinstance(getattr(current, name, None), str):
+            node[name] = text
+        else:
+            try:
+                node[name] = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise LingbotError(f"--set {item!r}: {text!r} is not a YAML value") from None
+    return changes
+
+
 def preset(name: str) -> RunConfig:
     try:
         return PRESETS[name]

@@ -60,3 +60,36 @@ def test_chain_seed_derives_every_training_seed_but_not_the_evaluation_episodes(
     assert load_run_config(path) == one  # a function of the params alone
     path.write_text("preset: tiny\nseed: 2\nvae:\n  seed: 5\n")
     assert load_run_config(path).pretrain.seed not in (seeds["pretrain"], 0)
+
+
+def test_every_command_overrides_any_field_through_one_mechanism(tmp_path):
+    """`--set FIELD=VALUE` reaches any field (dotted, YAML values) on every config-reading command, and a
+    command's own flags are named `--set`s: the same path, the same errors as params.yaml."""
+    from lingbot.cli import _run_config, build_parser, main
+
+    parser = build_parser()
+    args = parser.parse_args(["collect", "--out", "x", "--episodes", "7", "--task", "push-v3",
+                              "--set", "collect.max_steps=123", "--set", "evaluate.tasks=[push-v3, drawer-open-v3]",
+                              "--set", "publish.repo_id=org/name", "--set", "model.depth=3"])
+    run = _run_config(args)
+    assert run.collect.episodes == 7 and run.collect.tasks == ("push-v3",) and run.collect.max_steps == 123
+    assert run.evaluate.tasks == ("push-v3", "drawer-open-v3") and run.publish.repo_id == "org/name"
+    assert run.model.depth == 3
+    # A flag names its field: the flag wins over a --set of the same field, applied before it.
+    args = parser.parse_args(["pretrain", "cache", "--out", "o", "--set", "pretrain.steps=5", "--steps", "9",
+                              "--set", "finetune.steps=4"])
+    run = _run_config(args)
+    assert (run.pretrain.steps, run.finetune.steps) == (9, 4)
+    args = parser.parse_args(["ingest", "org/data@v1", "--out", "o", "--camera", "observation.images.top"])
+    assert _run_config(args).ingest.source == "org/data@v1"
+    assert _run_config(args).ingest.cameras == ("observation.images.top",)
+    # A text field takes the value as written (not YAML's `yes` -> True).
+    args = parser.parse_args(["publish", "b", "--eval", "e", "--set", "publish.repo_id=yes"])
+    assert _run_config(args).publish.repo_id == "yes"
+    # The errors params.yaml gives, as one line and exit 2.
+    for bad, message in (("collect.episode=3", "unknown field 'collect.episode'"),
+                         ("collect.episodes=many", "collect.episodes must be int"),
+                         ("collect.episodes", "expected FIELD=VALUE")):
+        with pytest.raises(LingbotError, match=message):
+            _run_config(parser.parse_args(["collect", "--out", "x", "--set", bad]))
+    assert main(["validate", str(tmp_path), "--set", "validate.nope=1"]) == 2
