@@ -144,8 +144,8 @@ def policy_for_seconds(run_cfg, latents: Path, vae: Path, demos: Path, work: Pat
     bc_steps = min(cap, max(2, int(seconds / (calibration_s / bc_calibration))))
     model, losses, bc_seconds = train_bc(data, dataclasses.replace(bc_cfg, steps=bc_steps), False, device)
     save_bc(model, data, dataclasses.replace(bc_cfg, steps=bc_steps), work / "bc")
-    result.update(bc_steps=bc_steps, bc_train_s=round(bc_seconds, 1), bc_final_loss=round(float(np.mean(losses[-50:])), 4),
-                  bc_train_episodes=len(data["episodes"]))
+    result.update(bc_steps=bc_steps, bc_train_s=round(bc_seconds, 1),
+                  bc_final_loss=round(float(np.mean(losses[-50:])), 4), bc_train_episodes=len(data["episodes"]))
     report(result)
 
     # Both evaluated at once on the same held-out episodes: the world model's rollouts get two thirds of

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run the steps (there; --cpu: here, tiny)")
     p.add_argument("--cpu", action="store_true", help="tiny preset and budgets on this CPU")
     p.add_argument("--dir", default=str(REPO / ".gpu"), help="the prepared folder (default .gpu)")
-    p.add_argument("--out", default=os.environ.get("OUT") or "gpu-out", help="output folder (default: $OUT when set, else gpu-out)")
+    p.add_argument("--out", default=os.environ.get("OUT") or "gpu-out",
+                   help="output folder (default: $OUT when set, else gpu-out)")
     p.add_argument("--total", type=float, help="total seconds for all steps (default 520 GPU, 330 CPU)")
     p.add_argument("--limit", action="append", metavar="STEP=SECONDS", help="a step's time limit (repeatable)")
     p.add_argument("--only", action="append", choices=STEPS, help="run only this step (repeatable)")

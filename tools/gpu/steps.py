@@ -83,7 +83,8 @@ def step_realtime(result: StepResult, args, prepared: dict) -> None:
     else:
         shapes = {}  # latency_modes' defaults: LIBERO's
     latency_modes(preset("tiny" if args.cpu else "paper"), _device(args), args.modes or LATENCY_MODES,
-                  action_steps=args.action_steps or (2 if args.cpu else 50), repeats=args.repeats or (2 if args.cpu else 3),
+                  action_steps=args.action_steps or (2 if args.cpu else 50),
+                  repeats=args.repeats or (2 if args.cpu else 3),
                   report=result.report, **shapes)
 
 
