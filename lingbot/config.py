@@ -353,6 +353,25 @@ register_preset("base", RunConfig(preset="base", model=BASE_MODEL))
 register_preset("paper", RunConfig(preset="paper", model=PAPER_MODEL))
 
 
+def on_one_gpu(run: RunConfig) -> RunConfig:
+    """`run` on one GPU: the `base` world model (with `run`'s text width and latent channels, which its
+    data decide) and batches a GPU fills; its learning rates are lower than the small CPU model's (a
+    16-layer, 1024-wide transformer). `run`'s data, tasks, windows, policy and evaluation stay.
+
+    The `gpu` preset is the embedded default so; `.ci/gpu` lays it over a `dvc repro` project's params."""
+    return dataclasses.replace(
+        run,
+        preset="gpu",
+        model=dataclasses.replace(BASE_MODEL, text_dim=run.model.text_dim, latent_channels=run.model.latent_channels),
+        vae=dataclasses.replace(run.vae, batch_size=16),
+        pretrain=dataclasses.replace(run.pretrain, batch_size=32, lr=3e-4, warmup=20),
+        finetune=dataclasses.replace(run.finetune, batch_size=32, lr=1e-4, warmup=10),
+    )
+
+
+register_preset("gpu", on_one_gpu(RunConfig()))
+
+
 def _coerce(value: Any, current: Any, where: str) -> Any:
     if isinstance(current, tuple):
         if not isinstance(value, (list, tuple)):

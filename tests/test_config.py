@@ -37,6 +37,23 @@ def test_presets_are_unique():
     assert override(preset("small"), {}) == preset("small")
 
 
+def test_the_gpu_preset_is_a_run_on_one_gpu():
+    """`gpu`: the embedded default with the base world model and a GPU's batches; laid over another run,
+    the run's data, tasks and evaluation stay, and its text width and latent channels."""
+    from lingbot.config import BASE_MODEL, on_one_gpu
+
+    gpu, small = preset("gpu"), preset("small")
+    assert gpu.preset == "gpu" and gpu.model.video_width == BASE_MODEL.video_width and gpu.model.depth == BASE_MODEL.depth
+    assert (gpu.model.text_dim, gpu.model.latent_channels) == (small.model.text_dim, small.model.latent_channels)
+    assert (gpu.vae.batch_size, gpu.pretrain.batch_size, gpu.finetune.batch_size) == (16, 32, 32)
+    assert (gpu.pretrain.lr, gpu.finetune.lr) == (3e-4, 1e-4)
+    assert gpu.collect == small.collect and gpu.evaluate == small.evaluate and gpu.policy == small.policy
+    run = override(preset("tiny"), {"pretrain": {"max_chunks": 12, "warmup": 50}, "evaluate": {"episodes": 7}})
+    on_gpu = on_one_gpu(run)
+    assert on_gpu.pretrain.max_chunks == 12 and on_gpu.pretrain.warmup == 20 and on_gpu.evaluate.episodes == 7
+    assert on_gpu.model.latent_channels == run.model.latent_channels == 4 and on_gpu.vae.z_dim == run.vae.z_dim
+
+
 def test_repo_params_load():
     from conftest import REPO
 

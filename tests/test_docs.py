@@ -25,13 +25,15 @@ def test_every_relative_link_resolves(page):
     assert not broken, f"{page.name}: {broken}"
 
 
-# Words of the workshop, not of the tool: a tracker's issue numbers, machines being lent, calls to them.
-WORKSHOP = re.compile(r"\bissue \d+|\blent\b|device call|brings back|earlier session|session's checkout", re.I)
+# Words of the workshop, not of the tool: a tracker's issue numbers, machines being lent, calls to them
+# and their inventories, what a call carries there and brings back.
+WORKSHOP = re.compile(r"\bissue \d+|\blent\b|device (call|tool)|brings? back|earlier session|session's checkout|"
+                      r"KINDS\.md|\bcarry limit|device time", re.I)
 
 
 def test_the_project_speaks_of_itself():
     files = [ROOT / "README.md", *DOCS, *(ROOT / "lingbot").rglob("*.py"), *(ROOT / "tests").glob("*.py"),
-             *(ROOT / "plugins").rglob("*.py")]
+             *(ROOT / "plugins").rglob("*.py"), *(ROOT / "tools").rglob("*.py"), *(ROOT / ".ci").iterdir()]
     hits = [f"{f.relative_to(ROOT)}: {m.group(0)}" for f in files if f.name != "test_docs.py"
             for m in WORKSHOP.finditer(f.read_text())]
     assert not hits, hits

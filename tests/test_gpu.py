@@ -1,6 +1,6 @@
-"""The prepared GPU run on this CPU: `.ci/gpu prepare` and `.ci/gpu run --cpu` end to end.
+"""Measuring on a GPU machine, rehearsed on this CPU: `.ci/gpu prepare` and `.ci/gpu run --cpu` end to end.
 
-Tiny inputs come from the session fixtures (collect -> ingest -> fit_vae -> cache_latents, tiny preset),
+Tiny inputs come from the suite's shared fixtures (collect -> ingest -> fit_vae -> cache_latents, tiny preset),
 laid out as a project directory; prepare carries no wheels and no GL packages here (no network in
 tests). One `run --cpu` covers both that every step writes its JSON and that a step stopped at an
 impossible limit is reported as such while the others still run.
@@ -69,7 +69,7 @@ def test_frame_pack_reads_like_the_dataset(prepared, ingested):
     """The carried frames decode to the dataset's own frames, episode by episode, camera-major."""
     import numpy as np
 
-    from lingbot.gpu_run import FramePack
+    from tools.gpu.frames import FramePack
     from lingbot.vae.fit import load_frames, read_demos
 
     manifest, split, layout = read_demos(ingested)
@@ -110,7 +110,7 @@ def test_run_cpu_every_step_and_a_failing_one(prepared, tmp_path):
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]  # one step failed
     files = sorted(p.name for p in out.iterdir())
     assert files == ["log.txt", "policy.json", "realtime.json", "summary.json", "summary.md", "train.json", "vae.json"]
-    assert len(files) <= 8  # a handful of small files: what is copied back from the GPU machine
+    assert len(files) <= 8  # a handful of small files to copy back from the GPU machine
     steps = {name: json.loads((out / f"{name}.json").read_text()) for name in STEP_KEYS}
     assert steps["realtime"]["status"] == "timeout"
     assert steps["realtime"]["error"] == "stopped at its 2 s limit" and steps["realtime"]["wall_s"] < 15
@@ -146,3 +146,12 @@ def test_run_cpu_broken_input_is_a_failed_step(prepared, tmp_path):
     assert set(variants) == {"fp32", "bf16-autocast", "bf16-weights", "bf16-compile"}
     assert all("latency_ms_hist3" in v for v in variants.values()), variants
     assert variants["bf16-compile"]["actions_max_abs_diff_vs_fp32"] < 0.1 and variants["bf16-compile"]["compile_s"] > 0
+
+
+def test_the_library_does_not_import_the_tooling():
+    """The ops tooling (tools/) imports lingbot; nothing in lingbot/ imports it."""
+    import re
+
+    imports = re.compile(r"^\s*(from|import)\s+tools\b", re.M)
+    hits = [str(p.relative_to(REPO)) for p in (REPO / "lingbot").rglob("*.py") if imports.search(p.read_text())]
+    assert not hits

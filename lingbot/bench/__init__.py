@@ -1,7 +1,9 @@
 """Benchmarks: `lingbot bench WHAT` prints a table, then one JSON object as its last line.
 
 `speed`: data, latents, vae, train, realtime. `frames`: recorded frames against raw renders. `quality`:
-bc, seeds, peers (on a `dvc repro` run's data).
+bc, seeds, peers (on a `dvc repro` run's data). As library calls on a given device (what `.ci/gpu`
+runs on a GPU machine, docs/GPU.md): `speed.train_mfu`, `speed.latency_modes`, and in `budget` what a
+fixed time of training buys, `vae_for_seconds` and `policy_for_seconds`.
 Every result carries the machine it ran on (`lingbot.hardware.machine`: the CPU kernels' ISA, the GPU,
 torch) and the precision it computed in.
 """

@@ -1,4 +1,5 @@
-"""Speed benchmarks: data collection, latent caching, training throughput, real-time chunk latency."""
+"""Speed benchmarks: data collection, latent caching, training throughput (and MFU against a measured
+peak), real-time chunk latency (in several precisions side by side), on this machine or a given device."""
 
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ def bench_latents(episodes: int, workers: int) -> dict:
 def train_throughput(run_cfg, batch: int, steps: int, device, latent_hw: int = 8, cameras: int = 2) -> dict:
     """Teacher-forced training steps of `run_cfg`'s world model at batch size `batch` on synthetic latents
     of the cache's shapes, in the precision `train` resolves (bf16 autocast on a CUDA GPU with bf16, fp32
-    on a CPU). `bench train` and the GPU run share it."""
+    on a CPU). `bench train` and `train_mfu` share it."""
     import torch
 
     from lingbot.model.world_model import WorldModel, count_parameters, draw_noise, flow_matching_loss
@@ -235,12 +236,106 @@ def bench_train(preset_name: str, steps: int = 10, latent_hw: int = 8, cameras: 
     return result
 
 
+def device_info(device) -> dict:
+    """The device a measurement ran on: torch's version and the GPU (name, SMs, memory) or the CPU's threads."""
+    import torch
+
+    device = torch.device(device)
+    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device=torch.cuda.get_device_name(device), sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        info.update(device="cpu", threads=torch.get_num_threads())
+    return info
+
+
+def measure_matmul_peak(device, n: int, dtype, repeats: int = 10) -> float:
+    """Dense matmul rate (FLOP/s) on random data: the median of `repeats` timed products after warm-ups."""
+    import statistics
+
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def train_mfu(run_cfg, device, batches=(8, 32, 128), steps: int = 10, latent_hw: int = 8,
+              report=lambda result: None) -> dict:
+    """`train_throughput` of `run_cfg`'s world model at each batch size side by side, with its MFU against
+    the dense matmul peak measured on `device` in the training's matmul dtype (bf16 8192^3 on a GPU, fp32
+    512^3 on a CPU). A batch that fails (out of memory, say) is recorded and leaves the others.
+    `report(result)` is called each time the result grows, so a caller can save what was measured."""
+    import torch
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    peak = measure_matmul_peak(device, 8192 if cuda else 512, dtype)
+    result = {**device_info(device), "peak_dtype": str(dtype).removeprefix("torch."),
+              "peak_tflops": round(peak / 1e12, 2), "variants": {}}
+    report(result)
+    for batch in batches:
+        try:
+            r = train_throughput(run_cfg, batch, steps, device, latent_hw=latent_hw)
+            r["mfu"] = round(r["tflops"] * 1e12 / peak, 4)
+        except Exception as exc:  # one variant's failure (out of memory, say) leaves the others
+            r = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        if cuda:
+            torch.cuda.empty_cache()
+        result["variants"][f"{run_cfg.preset}-b{batch}"] = r
+        report(result)
+    ok = [v for v in result["variants"].values() if "mfu" in v]
+    if not ok:
+        raise RuntimeError("no training variant ran")
+    best = max(ok, key=lambda v: v["mfu"])
+    result.update(preset=run_cfg.preset, best_mfu=best["mfu"], best_samples_per_s=best["samples_per_s"],
+                  best_tokens_per_s=best["tokens_per_s"], best_batch=best["batch_size"])
+    report(result)
+    return result
+
+
+def random_world_model(model_cfg, cameras: int, actions_per_chunk: int, device):
+    """A world model of `model_cfg`'s shapes with random weights, built where it runs (the paper's ~5B
+    parameters are initialised on the GPU), in eval mode; its output and state heads are drawn too
+    (zero at initialisation, never so once trained)."""
+    import torch
+
+    from lingbot.model.world_model import WorldModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WorldModel(model_cfg, cameras=cameras, actions_per_chunk=actions_per_chunk).eval()
+    for head in (model.video_out, model.action_out, model.state_in):
+        if head is not None:
+            torch.nn.init.normal_(head.weight, std=0.02)
+    return model
+
+
 def chunk_latency(model, run_cfg, policy_cfg, mode: str, cameras: int, latent_hw: int, histories,
                   repeats: int, diff_history: int, device, reference=None, time_recompute: bool = False) -> dict:
     """Chunk latency of the policy's denoising (`lingbot.policy.runtime`) with `model` as it is, under
     `mode` (fp32, bf16-autocast, bf16-weights: the caller converts the weights), at each history length;
     full and half-way video denoising at the longest; the cached chunk against the no-cache recompute at
-    `diff_history` chunks (timed too with `time_recompute`). `bench realtime` and the GPU run share it."""
+    `diff_history` chunks (timed too with `time_recompute`). `bench realtime` and `latency_modes` share it."""
     import statistics
 
     import torch
@@ -319,6 +414,72 @@ def chunk_latency(model, run_cfg, policy_cfg, mode: str, cameras: int, latent_hw
     return out
 
 
+LATENCY_MODES = ("fp32", "bf16-autocast", "bf16-weights", "bf16-compile")
+
+
+def latency_modes(run_cfg, device, modes=LATENCY_MODES, latent_frames: int = 4, cameras: int = 2, latent_hw: int = 8,
+                  actions_per_chunk: int = 16, window: int = 30, action_steps: int = 50, repeats: int = 3,
+                  diff_history: int = 4, report=lambda result: None) -> dict:
+    """`chunk_latency` of `run_cfg`'s world model (random weights) on `device` in each of `modes` side
+    by side: fp32, bf16 autocast, bf16 weights, bf16 weights with each expert's projections and FFN
+    `torch.compile`d (`compile_experts`; their token counts are fixed per kind of step, so each shape
+    compiles once in an untimed pass whose seconds are reported; on a CPU only traced, with the eager
+    backend: the wiring, not the speed). History 1 and `window` chunks, `action_steps` action denoising
+    steps, bf16 actions against fp32's; the best mode's latency at the longest history.
+
+    The defaults are LIBERO's shapes: 128x128 images of 2 cameras, which Wan2.2's VAE (16x) makes 8x8
+    latents, 4 latent frames and 16 actions per chunk. The model holds one latent frame per chunk, so
+    the 4 frames of 2 cameras enter as 8 camera slots: the same video tokens, attention and FLOPs.
+    `report(result)` is called after each mode, with the best so far."""
+    import torch
+
+    from lingbot.model.world_model import compile_experts, count_parameters
+
+    device = torch.device(device)
+    slots = latent_frames * cameras
+    policy_cfg = dataclasses.replace(run_cfg.policy, history_chunks=window, action_steps=action_steps)
+    histories = (1, window)
+    result = {**device_info(device), "preset": run_cfg.preset, "cameras": cameras,
+              "latent_frames_per_chunk": latent_frames, "latent_hw": latent_hw, "actions_per_chunk": actions_per_chunk,
+              "window_chunks": window, "video_steps": policy_cfg.video_steps, "action_steps": policy_cfg.action_steps,
+              "tokens_per_chunk": slots * (latent_hw // 2) ** 2 + actions_per_chunk, "variants": {}}
+    model = random_world_model(run_cfg.model, slots, actions_per_chunk, device)
+    result["params"] = count_parameters(model)
+    report(result)
+    reference = None
+    for mode in modes:
+        try:
+            if mode in ("bf16-weights", "bf16-compile"):
+                model.to(torch.bfloat16)
+            if mode == "bf16-compile":
+                compile_experts(model, backend="inductor" if device.type == "cuda" else "eager")
+                t0 = time.perf_counter()
+                chunk_latency(model, run_cfg, policy_cfg, mode, slots, latent_hw, histories, 1, diff_history,
+                              device)  # compiles every shape the timed pass meets
+                compile_s = round(time.perf_counter() - t0, 1)
+            r = chunk_latency(model, run_cfg, policy_cfg, mode, slots, latent_hw, histories, repeats, diff_history,
+                              device, reference)
+            if mode == "bf16-compile":
+                r["compile_s"] = compile_s
+            if mode == "fp32":
+                reference = r.get("_actions")
+            r.pop("_actions", None)
+            if device.type == "cuda":
+                r["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        except Exception as exc:
+            r = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        result["variants"][mode] = r
+        ok = {m: v for m, v in result["variants"].items() if f"latency_ms_hist{window}" in v}
+        if ok:  # the best so far, reported with each mode: a caller stopped mid-way keeps it
+            best = min(ok, key=lambda m: ok[m][f"latency_ms_hist{window}"])
+            result.update(best_mode=best, best_latency_ms=ok[best][f"latency_ms_hist{window}"],
+                          best_latency_ms_half_video=ok[best]["latency_ms_half_video_denoise"])
+        report(result)
+    if "best_mode" not in result:
+        raise RuntimeError("no realtime variant ran")
+    return result
+
+
 def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, cameras: int = 2,
                    histories: tuple[int, ...] = (1, 32)) -> dict:
     """Chunk latency of the policy's denoising with the KV cache at several history lengths, against
@@ -330,16 +491,11 @@ def bench_realtime(preset_name: str, repeats: int = 5, latent_hw: int = 8, camer
     import torch
 
     from lingbot.config import preset
-    from lingbot.model.world_model import WorldModel
 
     run_cfg = preset(preset_name)
     cfg = dataclasses.replace(run_cfg.policy, history_chunks=0)  # the whole history: what is measured
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = WorldModel(run_cfg.model, cameras=cameras).to(device).eval()
-    for head in (model.video_out, model.action_out, model.state_in):  # trained heads are not zero: nor are these
-        if head is not None:
-            torch.nn.init.normal_(head.weight, std=0.02)
+    model = random_world_model(run_cfg.model, cameras, 4, device)
     K, longest = model.K, max(histories)
     result = {"bench": "realtime", "preset": preset_name, "precision": "fp32",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
