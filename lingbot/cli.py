@@ -469,30 +469,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-hub", dest="local_hub", help="pull from this local hub root instead of the Hub")
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
-    p.add_argument("what", choices=["data", "latents", "vae", "frames", "train", "realtime", "bc", "seeds", "peers"],
-                   help="bc: plain image behaviour cloning against the world model, per target and chain seed, on "
-                        "the same demos and held-out episodes (the quality table); seeds: "
-                        "the run's training recipe (pretrain..evaluate) on several chain seeds; peers: "
-                        "LeRobot's ACT and Diffusion Policy (lerobot-train) on the same demos and budget")
-    p.add_argument("--preset", default="small", help="bench train/realtime: model preset")
-    p.add_argument("--params", default="params.yaml", help="bench bc/seeds: the run whose data and seeds it uses")
-    p.add_argument("--seeds", help="bench seeds / bc: chain seeds to train (0: the params' own; default 1,2 / 0)")
+    bench = sub.add_parser("bench", help="benchmarks: print a table, then one JSON line")
+    benches = bench.add_subparsers(dest="what", required=True)
+
+    def benchmark(name, text, params=False, workers=False):
+        p = benches.add_parser(name, help=text)
+        if params:
+            p.add_argument("--params", default="params.yaml", help="the run (a completed dvc repro) whose data it uses")
+        if workers:
+            p.add_argument("--workers", type=int, default=2, help="rollout processes")
+        p.set_defaults(func=cmd_bench)
+        return p
+
+    def targets(p, many):
+        p.add_argument("--target", help="fine-tune on and evaluate this task instead of the params' own" +
+                       (" (comma-separated: several targets)" if many else ""))
+        p.add_argument("--demos", type=int, help="fine-tune on the target's first N training demos "
+                                                 "(default: the params' finetune.max_episodes_per_task)")
+
+    p = benchmark("data", "collect and validate throughput", workers=True)
+    p.add_argument("--episodes", type=int, default=4, help="episodes per task to collect")
+    p = benchmark("latents", "VAE encoding, streaming vs whole clips, the cache's loader, Dask fan-out", workers=True)
+    p.add_argument("--episodes", type=int, default=4, help="episodes per task to collect and encode")
+    p = benchmark("vae", "the VAE's training step in fp32 and bf16 autocast")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps per precision")
+    p = benchmark("frames", "the recorded frames against raw renders, per video encoder", params=True)
+    p.add_argument("--episodes", type=int, default=3, help="episodes per task")
+    p.add_argument("--target", help="comma-separated tasks (default: the params' collect.tasks)")
+    p = benchmark("train", "world-model training throughput")
+    p.add_argument("--preset", default="small", help="model preset")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p = benchmark("realtime", "chunk latency with the KV cache against recomputing the sequence")
+    p.add_argument("--preset", default="small", help="model preset")
+    p = benchmark("bc", "plain image behaviour cloning against the world model, per target and chain seed, "
+                        "on the same demos and held-out episodes (the quality table)", params=True, workers=True)
+    p.add_argument("--seeds", default="0", help="chain seeds (0: the params' own)")
+    p.add_argument("--steps", type=int, help="BC training steps (default: BCConfig's)")
+    p.add_argument("--episodes", type=int, help="held-out episodes per target (default: the params' evaluate.episodes)")
+    p.add_argument("--out", default="models/seeds", help="runs, resumed when present")
+    targets(p, many=True)
+    p = benchmark("seeds", "the run's training recipe (pretrain..evaluate) on several chain seeds", params=True,
+                  workers=True)
+    p.add_argument("--seeds", default="1,2", help="chain seeds to train")
     p.add_argument("--with-run", dest="with_run", action="store_true",
-                   help="bench seeds: add the workspace's run (reports/eval.json) as the chain seed 0 row")
-    p.add_argument("--out", help="bench seeds / bc / peers: their runs, resumed when present "
-                                 "(default models/seeds, models/peers)")
-    p.add_argument("--peers", help="bench peers: comma-separated LeRobot policy types (default act,diffusion)")
+                   help="add the workspace's run (reports/eval.json) as the chain seed 0 row")
+    p.add_argument("--out", default="models/seeds", help="runs, resumed when present")
+    targets(p, many=False)
+    p = benchmark("peers", "LeRobot's ACT and Diffusion Policy (lerobot-train) on the same demos and budget",
+                  params=True, workers=True)
+    p.add_argument("--peers", default="act,diffusion", help="comma-separated LeRobot policy types")
     p.add_argument("--budget-s", dest="budget_s", type=float,
-                   help="bench peers: training seconds per peer (default: the world model's pretrain + finetune)")
-    p.add_argument("--target", help="bench seeds / peers: fine-tune on and evaluate this MetaWorld task instead of the "
-                                    "params'; bench bc: comma-separated such targets")
-    p.add_argument("--demos", type=int, help="bench seeds / bc / peers: fine-tune on the target's first N training "
-                                            "demos (default: the params' finetune.max_episodes_per_task)")
-    p.add_argument("--steps", type=int, help="bench train: timed steps (10); bench vae: (4); bench bc: training steps")
-    p.add_argument("--episodes", type=int, help="episodes per task (data, latents: 4; bc, seeds: the params' evaluation)")
-    p.add_argument("--workers", type=int, default=2)
-    p.set_defaults(func=cmd_bench)
+                   help="training seconds per peer (default: the world model's pretrain + finetune)")
+    p.add_argument("--out", default="models/peers", help="runs, resumed when present")
+    targets(p, many=False)
     return parser
 
 

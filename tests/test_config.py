@@ -130,3 +130,17 @@ def test_every_params_file_holds_every_param_the_pipeline_names():
                 assert isinstance(node, dict) and part in node, f"{path.name}: no {name}"
                 node = node[part]
         load_run_config(path)
+
+
+def test_each_benchmark_takes_only_its_own_flags():
+    from lingbot.cli import build_parser
+
+    parser = build_parser()
+    bc = parser.parse_args(["bench", "bc", "--target", "push-v3,drawer-open-v3", "--steps", "3"])
+    assert (bc.what, bc.seeds, bc.steps, bc.episodes, bc.out) == ("bc", "0", 3, None, "models/seeds")
+    assert parser.parse_args(["bench", "seeds"]).seeds == "1,2"
+    assert parser.parse_args(["bench", "train"]).steps == 10 and parser.parse_args(["bench", "vae"]).steps == 4
+    for wrong in (["bench", "data", "--seeds", "1"], ["bench", "train", "--params", "p.yaml"],
+                  ["bench", "realtime", "--steps", "3"], ["bench", "seeds", "--peers", "act"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(wrong)

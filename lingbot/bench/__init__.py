@@ -23,32 +23,31 @@ def _table(rows: list[tuple[str, object]]) -> str:
 
 
 def run(what: str, args) -> int:
+    """Benchmark `what` with its command-line flags (`lingbot bench WHAT --help`: each has its own)."""
     if what == "data":
-        result = bench_data(args.episodes or 4, args.workers)
+        result = bench_data(args.episodes, args.workers)
     elif what == "latents":
-        result = bench_latents(args.episodes or 4, args.workers)
+        result = bench_latents(args.episodes, args.workers)
     elif what == "train":
-        result = bench_train(args.preset, args.steps or 10)
+        result = bench_train(args.preset, args.steps)
     elif what == "vae":
-        result = bench_vae(args.steps or 4)
+        result = bench_vae(args.steps)
     elif what == "frames":
         from lingbot.bench.frames import bench_frames
 
-        result = bench_frames(Path(args.params), args.episodes or 3, args.target.split(",") if args.target else [])
+        result = bench_frames(Path(args.params), args.episodes, args.target.split(",") if args.target else [])
     elif what == "bc":
         result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers,
-                          [int(v) for v in (args.seeds or "0").split(",")],
-                          args.target.split(",") if args.target else [], Path(args.out or "models/seeds"), args.demos)
+                          [int(v) for v in args.seeds.split(",")],
+                          args.target.split(",") if args.target else [], Path(args.out), args.demos)
     elif what == "realtime":
         result = bench_realtime(args.preset)
     elif what == "peers":
-        peers = args.peers.split(",") if args.peers else ["act", "diffusion"]
-        result = bench_peers(Path(args.params), peers, args.budget_s, args.workers, Path(args.out or "models/peers"),
+        result = bench_peers(Path(args.params), args.peers.split(","), args.budget_s, args.workers, Path(args.out),
                              args.target, demos=args.demos)
     elif what == "seeds":
-        seeds = [int(v) for v in (args.seeds or "1,2").split(",")]
-        result = bench_seeds(Path(args.params), seeds, args.workers, Path(args.out or "models/seeds"), args.with_run,
-                             args.target, demos=args.demos)
+        result = bench_seeds(Path(args.params), [int(v) for v in args.seeds.split(",")], args.workers,
+                             Path(args.out), args.with_run, args.target, demos=args.demos)
     else:  # argparse restricts the choices; kept for direct callers
         raise ValueError(f"unknown benchmark {what!r}")
     result = with_machine(result)
