@@ -350,3 +350,28 @@ def test_the_action_loss_does_not_move_with_the_window_length():
         with torch.no_grad():
             losses.append(flow_matching_loss(model, batch, noise, A)["action"].item())
     assert losses[0] == pytest.approx(1.0) and losses[1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("steps,shift", [(6, 3.0), (10, 3.0), (4, 1.0), (17, 5.0)])
+def test_the_sampler_is_diffusers_flow_matching_euler_scheduler(steps, shift):
+    """FlowSampler's times are training's shifted schedule (shift * u / (1 + (shift - 1) u) over evenly
+    spaced u), and its Euler steps give diffusers' FlowMatchEulerDiscreteScheduler's samples bit for bit;
+    padding channels stay 0 throughout."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lingbot.model.world_model import FlowSampler
+
+    sampler = FlowSampler(steps, shift, live=3)
+    u = torch.linspace(1.0, 0.0, steps + 1)
+    assert torch.equal(sampler.times, shift * u / (1 + (shift - 1) * u))
+    assert sampler.level(0) == 1.0 and sampler.level(steps) == 0.0
+    reference = FlowMatchEulerDiscreteScheduler(shift=shift)
+    reference.set_timesteps(sigmas=u[:-1].tolist())
+    g = torch.Generator().manual_seed(0)
+    x = ours = sampler.start(torch.randn(2, 5, generator=g))
+    velocities = [torch.randn(2, 5, generator=g) for _ in range(steps)]
+    for i, t in enumerate(reference.timesteps):
+        v = torch.cat([velocities[i][:, :3], torch.zeros(2, 2)], dim=-1)  # the model predicts 0 on padding
+        ours = sampler.step(ours, velocities[i], i)
+        x = reference.step(v, t, x).prev_sample
+        assert torch.equal(ours, x) and not ours[:, 3:].any()

@@ -592,15 +592,21 @@ def pad_channels(x: torch.Tensor, channels: int, what: str) -> torch.Tensor:
 class FlowSampler:
     """The Euler sampler of one flow, shared by the real-time session and the no-cache reference.
 
-    Times run 1 -> 0 in `steps` steps, shifted like training's (s > 1: more steps at high noise).
+    Times run 1 -> 0 in `steps` steps, shifted like training's (s > 1: more steps at high noise): they are
+    diffusers' `FlowMatchEulerDiscreteScheduler` sigmas for our shift over evenly spaced times (the same
+    float32 values as `shift * u / (1 + (shift - 1) * u)`, and its Euler step gives the same samples:
+    tests/test_model.py). The step here multiplies by a Python float, so a step on a GPU sends nothing.
     Channels at and past `live` are padding (a robot with fewer action channels than the model): training
     holds them at exactly 0 in clean and noisy tokens alike (`flow_matching_loss`), so the sampler does
     too, from the first step to the last.
     """
 
     def __init__(self, steps: int, shift: float, live: int | None = None, device=None):
-        u = torch.linspace(1.0, 0.0, steps + 1)
-        self.times = shift * u / (1 + (shift - 1) * u)  # (steps + 1,), on the CPU: the step sizes
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, steps + 1)[:-1].tolist())
+        self.times = scheduler.sigmas.float()  # (steps + 1,), ending at 0, on the CPU: the step sizes
         # One copy to the device per sampler; a step then sends nothing (`t` slices it, `step` multiplies
         # by a Python float: the same float32 value the CPU tensor holds).
         self.device_times = self.times.to(device) if device is not None else self.times
