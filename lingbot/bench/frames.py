@@ -23,7 +23,7 @@ def bench_frames(params: Path, episodes: int, tasks: list[str]) -> dict:
     from lingbot.config import load_run_config
     from lingbot.data.collect import attempt_seed, collect, rollout_expert
     from lingbot.data.lerobot_io import iter_episode_frames, open_layout
-    from lingbot.eval.objects import box_masks, box_psnr, camera_projection, project
+    from lingbot.eval.objects import box_psnr, camera_projection, point_masks
 
     run = load_run_config(params)
     base = dataclasses.replace(run.collect, tasks=tuple(tasks or run.collect.tasks[:2]), episodes=episodes, workers=1)
@@ -63,8 +63,7 @@ def bench_frames(params: Path, episodes: int, tasks: list[str]) -> dict:
                         scores["frame"].append((truth, decoded, np.ones(truth.shape[:3], bool)))
                         matrix = projections[task, cam]
                         if matrix is not None:
-                            for i, point in enumerate(("object", "goal")):
-                                masks = box_masks(project(matrix, episode.objects[:, 3 * i : 3 * i + 3]), cfg.image_size)
+                            for point, masks in point_masks(matrix, episode.objects, cfg.image_size).items():
                                 scores[point].append((truth, decoded, masks))
                     ep += 1
         label = f"{encoder['video_codec']} {encoder['pix_fmt']} crf {encoder['crf']}"

@@ -48,14 +48,26 @@ def project(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return h[:, :2] / h[:, 2:3]
 
 
+def box_side(image_size: int) -> int:
+    """The scored box's side in pixels (odd: centred on the point's pixel)."""
+    return 2 * max(1, round(BOX_FRACTION * image_size / 2)) + 1
+
+
 def box_masks(pixels: np.ndarray, image_size: int) -> np.ndarray:
     """(T, 2) pixel centres -> (T, S, S) bool masks of a BOX_FRACTION box around each (clipped to the image)."""
-    half = max(1, round(BOX_FRACTION * image_size / 2))
+    half = box_side(image_size) // 2
     grid = np.arange(image_size)
     col, row = np.round(pixels[:, 0]).astype(int), np.round(pixels[:, 1]).astype(int)
     cols = np.abs(grid[None, :] - col[:, None]) <= half
     rows = np.abs(grid[None, :] - row[:, None]) <= half
     return rows[:, :, None] & cols[:, None, :]
+
+
+def point_masks(matrix: np.ndarray, positions: np.ndarray, image_size: int) -> dict[str, np.ndarray]:
+    """{point: (T, S, S) box masks} of each of POINTS, from (T, 3 * len(POINTS)) world positions per frame
+    (`observation.environment_state`) seen through the camera `matrix`."""
+    return {name: box_masks(project(matrix, positions[:, 3 * i : 3 * i + 3]), image_size)
+            for i, name in enumerate(POINTS)}
 
 
 def box_psnr(original: np.ndarray, reconstruction: np.ndarray, masks: np.ndarray) -> float:
@@ -113,8 +125,7 @@ def score_vae_objects(demos, vae_dir, episodes: int = 0) -> dict:
             err = (original.astype(np.float64) - recon.astype(np.float64)) ** 2
             where = positions[index == ep][:n]
             sums = {"frame": (err.sum(), err.size)}
-            for i, name in enumerate(POINTS):
-                masks = box_masks(project(matrix, where[:, 3 * i : 3 * i + 3]), size)
+            for name, masks in point_masks(matrix, where, size).items():
                 picked = err[masks]
                 sums[name] = (picked.sum(), picked.size)
             row = per_task.setdefault(task, {name: [0.0, 0] for name in totals})
@@ -126,7 +137,6 @@ def score_vae_objects(demos, vae_dir, episodes: int = 0) -> dict:
     def db(acc):
         return round(float(10 * np.log10(255.0**2 / (acc[0] / acc[1]))), 3) if acc[1] and acc[0] else None
 
-    box = 2 * max(1, round(BOX_FRACTION * size / 2)) + 1 if size else None
-    return {"episodes": len(held_out), "box_px": box,
+    return {"episodes": len(held_out), "box_px": box_side(size) if size else None,
             **{f"{name}_psnr_db": db(acc) for name, acc in totals.items()},
             "per_task": {t: {f"{name}_psnr_db": db(acc) for name, acc in row.items()} for t, row in sorted(per_task.items())}}
