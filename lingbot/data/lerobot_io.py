@@ -182,7 +182,12 @@ def read_meta(root: Path) -> DatasetLayout:
         raise LingbotError(f"{root / 'meta' / 'episodes'}: no episode metadata parquet files")
     import pyarrow as pa
 
-    episodes = pa.concat_tables([_read_parquet(p) for p in episode_files]).to_pandas()
+    # Per-episode stats are left out, as LeRobot's `load_episodes` does: nothing reads them here, and in a
+    # large dataset they are most of the table.
+    episodes = pa.concat_tables([
+        _read_parquet(p, [n for n in _read_parquet(p, schema_only=True).names if not n.startswith("stats/")])
+        for p in episode_files
+    ]).to_pandas()
     episodes = episodes.sort_values("episode_index").reset_index(drop=True)
     if len(episodes) != int(info["total_episodes"]):
         raise LingbotError(
