@@ -2,11 +2,29 @@
 
 A source is a local directory or a Hub dataset `org/name@revision`. Hub sources go through
 `huggingface_hub.snapshot_download` (so they are cached, revision-pinned, and work offline with
-HF_HUB_OFFLINE=1 once cached); everything after that reads the local root through
-`lerobot.datasets`' metadata and the parquet files it declares.
+HF_HUB_OFFLINE=1 once cached); everything after that reads the local root: meta/, then the parquet
+and video files it declares.
 
 Every check here fails with a `LingbotError` naming the file (and episode or column) at fault, before
 a library deeper down can fail with a traceback.
+
+What LeRobot (0.6.1) does and what this module does itself. Datasets are written by `LeRobotDataset.create`
+(collect) and downloaded with `snapshot_download`, as LeRobot does (here into the standard Hub cache, at
+the revision asked for, and only the files of the chosen episodes). The reading stays here, on pyarrow and
+PyAV, because LeRobot's readers do not fit; tests/test_lerobot_io.py checks that both read the same:
+- `read_meta`, not `LeRobotDatasetMetadata`: the tables are the same, column for column, but importing it
+  imports torch, `datasets` and all of `lerobot.datasets`, into stages that need none of them (`lingbot
+  validate` on the tiny dataset, 2 CPU cores: 5.5 s -> 12.8 s). It also copies meta/episodes into the
+  `datasets` Arrow cache, takes a missing file as a cue to download meta/ from the Hub, and its
+  `DatasetInfo` drops fields it does not know, where `ingest.write_subset` rewrites info.json as read.
+- `read_frames`, not `LeRobotDataset(episodes=...)`: it cannot open what ingest writes from a subset of
+  episodes or cameras (it finds episodes or videos missing and goes to the Hub for them).
+- `iter_episode_frames`, not `decode_video_frames`: the pixels are the same (bit for bit, with its pyav and
+  torchcodec backends, on collect's H.264 4:4:4 and LeRobot's default AV1 4:2:0), but it returns the frame
+  nearest each timestamp asked for, so it cannot count the frames a segment holds (validate checks that
+  count), and it opens and seeks once per episode: 1.4-3x slower than one pass over each file.
+The train-split statistics (`ingest`), the subset copy (`ingest.write_subset`), the content fingerprint and
+the episode spec have no LeRobot counterpart.
 """
 
 from __future__ import annotations
@@ -182,7 +200,12 @@ def read_meta(root: Path) -> DatasetLayout:
         raise LingbotError(f"{root / 'meta' / 'episodes'}: no episode metadata parquet files")
     import pyarrow as pa
 
-    episodes = pa.concat_tables([_read_parquet(p) for p in episode_files]).to_pandas()
+    # Per-episode stats are left out, as LeRobot's `load_episodes` does: nothing reads them here, and in a
+    # large dataset they are most of the table.
+    episodes = pa.concat_tables([
+        _read_parquet(p, [n for n in _read_parquet(p, schema_only=True).names if not n.startswith("stats/")])
+        for p in episode_files
+    ]).to_pandas()
     episodes = episodes.sort_values("episode_index").reset_index(drop=True)
     if len(episodes) != int(info["total_episodes"]):
         raise LingbotError(
