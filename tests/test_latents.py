@@ -128,7 +128,7 @@ def test_window_gives_each_chunk_the_state_its_actions_start_from(cache):
     chunk of a window starting mid-episode (not at its own state, the end of the move)."""
     from safetensors.torch import load_file
 
-    from lingbot.data.latents import normalize
+    from lingbot.data.normalization import normalize
 
     out, _ = cache
     data = LatentWindows(out, split="train")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lingbot.policy.runtime import ChannelLayout, load_policy, recompute_chunk
+from lingbot.data.normalization import ChannelLayout
+from lingbot.policy.runtime import load_policy, recompute_chunk
 
 
 def _frames(policy, n, seed=0):
@@ -153,7 +154,7 @@ def test_action_layout_keeps_time_rows_and_feature_columns(latent_cache, ingeste
     episode, meta = next(iter(manifest["episodes"].items()))
     with safe_open(str(latent_cache / manifest["shards"][meta["shard"]]), framework="pt") as f:
         cached = f.get_tensor(f"{episode}/actions")  # (latents, K, A) raw robot units
-    from lingbot.data.latents import normalize
+    from lingbot.data.normalization import normalize
 
     model_space = normalize(cached, stats).numpy()
     layout = ChannelLayout(stats, robot_dim=model_space.shape[-1], model_channels=16)
@@ -305,6 +306,27 @@ def test_actions_reach_the_data_range_beyond_its_quantiles():
     layout = ChannelLayout(stats, 2, 4)
     clipped = layout.clip(torch.tensor([[5.0, 5.0, 0.0, 0.0], [-5.0, -5.0, 0.0, 0.0]]))
     assert layout.to_robot(clipped.numpy()).tolist() == [[1.0, 2.0], [-1.0, 0.0]]
+
+
+def test_training_and_the_policy_normalise_to_the_same_floats():
+    """Training's latent windows (torch) and the policy's channel layout (numpy) share one normalisation:
+    the same float32 bits, by the arithmetic the cache has always been read with; to_robot inverts it."""
+    from lingbot.data.normalization import normalize
+
+    rng = np.random.default_rng(0)
+    q01 = rng.uniform(-2, 1, 5)
+    stats = {"q01": q01.tolist(), "q99": (q01 + rng.uniform(0.1, 3, 5)).tolist()}
+    stats["q99"][3] = stats["q01"][3]  # a constant channel: its span is floored
+    robot = rng.uniform(-3, 3, (8, 5)).astype(np.float32)
+    training = normalize(torch.from_numpy(robot), stats)  # what LatentWindows.window returns
+    layout = ChannelLayout(stats, 5, 7)
+    policy = layout.to_model(robot)
+    assert training.dtype == torch.float32 and policy.dtype == np.float32
+    np.testing.assert_array_equal(policy[:, :5], training.numpy())
+    assert not policy[:, 5:].any()
+    lo, hi = torch.tensor(stats["q01"]), torch.tensor(stats["q99"])
+    assert torch.equal(training, 2 * (torch.from_numpy(robot) - lo) / (hi - lo).clamp_min(1e-6) - 1)
+    np.testing.assert_allclose(layout.to_robot(policy), robot, atol=1e-5)
 
 
 def test_success_metrics_and_runs_pooled_over_seeds():

@@ -77,7 +77,7 @@ class ImageBC(nn.Module):
 
 
 def _layout(stats: dict, what: str):
-    from lingbot.policy.runtime import ChannelLayout
+    from lingbot.data.normalization import ChannelLayout
 
     dim = len(stats["q01"])
     return ChannelLayout(stats, dim, dim, what)

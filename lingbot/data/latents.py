@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from lingbot.config import LatentsConfig
+from lingbot.data.normalization import normalize
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_file, write_json
 
@@ -303,13 +304,6 @@ def open_manifest(cache: Path, expect: dict | None = None) -> dict:
     if missing:
         raise LingbotError(f"{cache}: incomplete cache, {len(missing)} shard(s) missing (first: {missing[0]})")
     return manifest
-
-
-def normalize(x: torch.Tensor, stats: dict) -> torch.Tensor:
-    """Map q01..q99 to -1..1 per dimension (LingBot-VA's quantile normalisation)."""
-    lo = torch.tensor(stats["q01"], dtype=x.dtype)
-    hi = torch.tensor(stats["q99"], dtype=x.dtype)
-    return 2 * (x - lo) / (hi - lo).clamp_min(1e-6) - 1
 
 
 def window_start(rng: np.random.Generator, n_latent: int, length: int, episode_start_p: float) -> int:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lingbot.data.normalization import ChannelLayout
 from lingbot.errors import LingbotError
 from lingbot.model.world_model import FlowSampler, KVCache, WorldModel
 from lingbot.policy.bundle import read_bundle
@@ -136,51 +137,6 @@ def observation_state(observation: dict, key: str, dim: int) -> np.ndarray:
     if state.shape[1] != dim or not np.isfinite(state).all():
         raise LingbotError(f"observation {key!r}: expected {dim} finite values, got {state.shape[1]}")
     return state
-
-
-class ChannelLayout:
-    """The model's action (or state) channels <-> the robot's action (or state) vector, explicitly.
-
-    The model predicts (K, A_model) per chunk: row i is action step i of the chunk (time major), columns
-    0..robot_dim-1 are the robot's channels in the dataset's feature order, quantile-normalised to
-    -1..1; the remaining channels are unused padding. `to_robot` keeps the time order of the rows: the
-    first row is executed first. The robot state enters the model the same way (`to_model`).
-    """
-
-    def __init__(self, stats: dict, robot_dim: int, model_channels: int, what: str = "action"):
-        if robot_dim > model_channels:
-            raise LingbotError(f"robot {what} has {robot_dim} channels, the model only {model_channels}")
-        self.lo = np.asarray(stats["q01"], np.float32)
-        self.hi = np.asarray(stats["q99"], np.float32)
-        if self.lo.shape != (robot_dim,):
-            raise LingbotError(f"normalization stats have {self.lo.shape[0]} {what} channels, expected {robot_dim}")
-        self.robot_dim, self.model_channels, self.what = robot_dim, model_channels, what
-        # What the model may output: the normalised image of the data's [min, max] (q01/q99 map to
-        # -1..1, so the top and bottom 1% of a channel lie beyond them); [-1, 1] for stats without min/max.
-        span = np.maximum(self.hi - self.lo, 1e-6)
-        low = 2 * (np.asarray(stats["min"], np.float32) - self.lo) / span - 1 if "min" in stats else -np.ones(robot_dim)
-        high = 2 * (np.asarray(stats["max"], np.float32) - self.lo) / span - 1 if "max" in stats else np.ones(robot_dim)
-        self.bounds = tuple(np.pad(np.minimum(b, -1) if i == 0 else np.maximum(b, 1), (0, model_channels - robot_dim),
-                                   constant_values=0.0).astype(np.float32) for i, b in enumerate((low, high)))
-
-    def clip(self, model_actions: torch.Tensor) -> torch.Tensor:
-        """(K, A_model) model-space actions clipped to the data's range (`bounds`), on their device."""
-        low, high = (torch.from_numpy(b).to(model_actions.device, model_actions.dtype) for b in self.bounds)
-        return torch.maximum(torch.minimum(model_actions, high), low)
-
-    def to_robot(self, model_actions: np.ndarray) -> np.ndarray:
-        """(K, A_model) normalised -> (K, robot_dim) in robot units."""
-        x = np.asarray(model_actions, np.float32)[:, : self.robot_dim]
-        return (x + 1) / 2 * np.maximum(self.hi - self.lo, 1e-6) + self.lo
-
-    def to_model(self, robot_actions: np.ndarray) -> np.ndarray:
-        """(K, robot_dim) robot units -> (K, A_model) normalised, padding channels zero."""
-        x = np.asarray(robot_actions, np.float32)
-        if x.ndim != 2 or x.shape[1] != self.robot_dim:
-            raise LingbotError(f"{self.what} of shape {x.shape}, expected (steps, {self.robot_dim})")
-        out = np.zeros((len(x), self.model_channels), np.float32)
-        out[:, : self.robot_dim] = 2 * (x - self.lo) / np.maximum(self.hi - self.lo, 1e-6) - 1
-        return out
 
 
 def policy_dtype(dtype: str, device: torch.device | str) -> str:
