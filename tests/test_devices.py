@@ -73,7 +73,7 @@ def test_one_training_step_of_the_loop_runs_on_the_device(latent_cache, checkpoi
 
 
 def test_incremental_step_with_the_kv_cache_stays_on_the_device():
-    from lingbot.policy.runtime import chunk_noise, denoise_chunk, write_history
+    from lingbot.policy.denoise import chunk_noise, denoise_chunk, write_history
 
     model = _model(META).eval()
     g = torch.Generator().manual_seed(0)
@@ -115,7 +115,7 @@ def test_step_masks_are_built_once_per_chunk_kind_and_reused():
     """A chunk's denoising steps reuse one mask and one set of RoPE angles (no host-to-device copy per step);
     in the ring's steady state the next chunk reuses the previous chunk's mask too."""
     from lingbot.model import world_model
-    from lingbot.policy.runtime import chunk_noise, denoise_chunk, write_history
+    from lingbot.policy.denoise import chunk_noise, denoise_chunk, write_history
 
     model = _model("cpu").eval()
     built = []

@@ -189,7 +189,7 @@ def test_padding_action_channels_are_zero_in_training_and_sampling():
     """The robot uses A of the model's 16 action channels: the rest must look alike when trained and sampled."""
     from lingbot.model.world_model import KVCache
     from lingbot.config import PolicyConfig
-    from lingbot.policy.runtime import chunk_noise, denoise_chunk, write_history
+    from lingbot.policy.denoise import chunk_noise, denoise_chunk, write_history
 
     model, batch = tiny_model(), _loss_batch()
     seen = []

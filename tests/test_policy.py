@@ -8,7 +8,8 @@ import torch
 from safetensors import safe_open
 
 from lingbot.data.normalization import ChannelLayout
-from lingbot.policy.runtime import load_policy, recompute_chunk
+from lingbot.policy.runtime import load_policy
+from lingbot.policy.session import recompute_chunk
 
 
 def _frames(policy, n, seed=0):

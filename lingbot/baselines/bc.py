@@ -215,7 +215,7 @@ class BCSession:
         pass
 
     def infer(self, observation: dict) -> np.ndarray:
-        from lingbot.policy.runtime import observation_pixels, observation_state
+        from lingbot.policy.observation import observation_pixels, observation_state
 
         start = time.perf_counter()
         p = self.policy

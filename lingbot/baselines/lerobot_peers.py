@@ -159,15 +159,14 @@ class PeerSession:
     def infer(self, observation: dict) -> np.ndarray:
         import torch
 
-        from lingbot.policy.runtime import observation_state
+        from lingbot.policy.observation import observation_entry, observation_state
 
         start = time.perf_counter()
         p = self.peer
         batch = {}
         for key in p.cameras:
-            if key not in observation:
-                raise LingbotError(f"observation has no {key!r} (keys: {', '.join(sorted(observation))})")
-            image = torch.from_numpy(np.ascontiguousarray(observation[key])).permute(2, 0, 1).float() / 255.0
+            image = torch.from_numpy(np.ascontiguousarray(observation_entry(observation, key)))
+            image = image.permute(2, 0, 1).float() / 255.0
             batch[key] = image[None]
         state = observation_state(observation, p.state_key, p.meta["state_dim"])
         batch[p.state_key] = torch.from_numpy(state)

@@ -332,7 +332,7 @@ def random_world_model(model_cfg, cameras: int, actions_per_chunk: int, device):
 
 def chunk_latency(model, run_cfg, policy_cfg, mode: str, cameras: int, latent_hw: int, histories,
                   repeats: int, diff_history: int, device, reference=None, time_recompute: bool = False) -> dict:
-    """Chunk latency of the policy's denoising (`lingbot.policy.runtime`) with `model` as it is, under
+    """Chunk latency of the policy's denoising (`lingbot.policy.denoise`) with `model` as it is, under
     `mode` (fp32, bf16-autocast, bf16-weights: the caller converts the weights), at each history length;
     full and half-way video denoising at the longest; the cached chunk against the no-cache recompute at
     `diff_history` chunks (timed too with `time_recompute`). `bench realtime` and `latency_modes` share it."""
@@ -341,7 +341,7 @@ def chunk_latency(model, run_cfg, policy_cfg, mode: str, cameras: int, latent_hw
     import torch
 
     from lingbot.model.world_model import KVCache
-    from lingbot.policy.runtime import chunk_noise, denoise_chunk, recompute_sequence, write_history
+    from lingbot.policy.denoise import chunk_noise, denoise_chunk, recompute_sequence, write_history
 
     K, A, z = model.K, run_cfg.model.action_channels, run_cfg.model.latent_channels
     S = run_cfg.model.state_channels

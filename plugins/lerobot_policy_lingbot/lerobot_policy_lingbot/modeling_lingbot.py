@@ -1,4 +1,4 @@
-"""`LingbotPolicy`: LeRobot's policy contract over lingbot's real-time sessions (lingbot/policy/runtime.py).
+"""`LingbotPolicy`: LeRobot's policy contract over lingbot's real-time sessions (lingbot/policy/session.py).
 
 LeRobot drives a policy with batched tensors, one row per env: images float in [0, 1], channel first,
 under LeRobot's keys. A lingbot session serves one robot: uint8 (H, W, 3) frames under the bundle's
