@@ -126,6 +126,22 @@ def test_session_is_deterministic_and_isolated(tiny_bundle):
     assert a[0].shape == (policy.K, policy.meta["action_dim"]) and a[0].dtype == np.float32
 
 
+def test_the_session_hands_back_its_imagined_and_real_video_decoded(tiny_bundle):
+    from lingbot.vae.wan import decode_latents
+
+    policy = load_policy(tiny_bundle, video_steps=2, video_exec_step=2, action_steps=2)
+    session = policy.new_session(seed=2)
+    _drive(session, _frames(policy, 12, seed=6), 3)
+    h, w = policy.meta["image_size"]
+    imagined = session.imagined_video(1)  # chunk 0 (the first real frame) and the 3 imagined chunks
+    assert imagined.shape == (1 + 4 * 3, h, w, 3) and imagined.dtype == np.uint8
+    latents = torch.stack([session.real_latents[0], *session.imagined_latents])[:, 1]
+    np.testing.assert_array_equal(imagined, decode_latents(policy.vae, latents.permute(1, 0, 2, 3)[None])[0])
+    real = session.reconstructed_video(1, chunks=2)
+    assert real.shape == (1 + 4, h, w, 3) and np.array_equal(real[0], imagined[0])
+    assert not np.array_equal(real[1:], imagined[1:5])
+
+
 def test_async_mode_returns_precomputed_chunks_from_the_imagined_history(tiny_bundle):
     sync = load_policy(tiny_bundle)
     asynchronous = load_policy(tiny_bundle, asynchronous=True)

@@ -108,24 +108,18 @@ def score_episode(policy, task: str, recorded: dict, seed: int, decode: bool = T
 
 def _psnr(policy, session, frames: dict) -> dict:
     """Imagined and reconstructed video against the real frames they stand for, every camera."""
-    import torch
-
-    from lingbot.vae.wan import decode_latents
-
-    n = len(session.real_latents)  # grounded chunks; imagined chunk i stands for real chunk i + 1
+    n = session.chunk  # grounded chunks: the imagined video's chunk k foresaw the real chunk k
     if n < 2:
         return {}
     stride = policy.frame_stride
-    real = torch.stack(session.real_latents)  # (n, cams, z, h, w)
-    imagined = torch.stack([session.real_latents[0]] + session.imagined_latents[: n - 1])
     out = {}
-    compared = [("imagined_psnr_db", imagined), ("reconstruction_psnr_db", real)]
+    compared = [("imagined_psnr_db", session.imagined_video), ("reconstruction_psnr_db", session.reconstructed_video)]
     if not policy.model.cfg.video_prediction:  # the no-video ablation imagines nothing
         compared = compared[1:]
-    for name, latents in compared:
+    for name, decoded in compared:
         errors = []
         for c, camera in enumerate(policy.cameras):
-            video = decode_latents(policy.vae, latents[:, c].permute(1, 0, 2, 3)[None].to(policy.device))[0]
+            video = decoded(c, chunks=n)
             index = np.arange(1, len(video)) * stride  # frame 0 is the real first frame in both
             keep = index < len(frames[camera])
             truth = frames[camera][index[keep]].astype(np.float64)

@@ -132,6 +132,21 @@ class Session:
             self.observe(observation)
         return self.queue.popleft()
 
+    def imagined_video(self, camera: int = 0, chunks: int | None = None) -> np.ndarray:
+        """The video this session imagined, decoded: uint8 frames (1 + 4(T - 1), H, W, 3) of camera
+        `camera` (an index into the policy's cameras) over chunks 0..T-1 (every chunk so far when
+        `chunks` is None). Chunk 0 is the first real observation (nothing is imagined before it); chunk
+        k >= 1 is the video imagined for the k-th action chunk handed to the robot, which the real
+        frames of grounded chunk k show."""
+        self._wait()
+        return self._decode([self.real_latents[0], *self.imagined_latents][:chunks], camera)
+
+    def reconstructed_video(self, camera: int = 0, chunks: int | None = None) -> np.ndarray:
+        """The real frames of the grounded chunks as the model saw them (their latents decoded: the
+        VAE's reconstruction, the ceiling of `imagined_video`), in `imagined_video`'s layout."""
+        self._wait()
+        return self._decode(self.real_latents[:chunks], camera)
+
     def close(self) -> None:
         self._wait()
         if self._executor is not None:
@@ -167,6 +182,13 @@ class Session:
             latent = self.encoder.push(frame.to(self.policy.device))
         assert latent is not None, "the VAE stream is out of step with the chunks"
         return latent[None]  # (1, cams, z, h, w)
+
+    def _decode(self, latents: list[torch.Tensor], camera: int) -> np.ndarray:
+        """Latents (cams, z, h, w) per chunk -> one camera's uint8 frames (1 + 4(T - 1), H, W, 3)."""
+        from lingbot.vae.wan import decode_latents
+
+        video = torch.stack(latents)[:, camera]  # (T, z, h, w)
+        return decode_latents(self.policy.vae, video.permute(1, 0, 2, 3)[None].to(self.policy.device))[0]
 
     def _generator(self, chunk: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + chunk)

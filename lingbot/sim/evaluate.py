@@ -75,7 +75,7 @@ def run_episode(policy, task: str, seed: int, cfg: EvalConfig, record: bool = Fa
             result["presses"] = env.counter.presses
         if record:
             result["frames"] = np.stack(frames)
-            result["imagined"] = [x.cpu() for x in [session.real_latents[0], *session.imagined_latents]]
+            result["imagined"] = session.imagined_video()  # (1 + 4(T-1), H, W, 3): first camera
         return result
     finally:
         session.close()
@@ -161,7 +161,7 @@ def evaluate(bundle: Path, cfg: EvalConfig, out: Path, progress: bool = True, lo
         (tmp / "videos").mkdir(parents=True)
         recorded = [r for r in results if "frames" in r]
         if recorded:
-            write_videos(bundle, recorded, tmp / "videos")
+            write_videos(recorded, tmp / "videos")
         write_json(tmp / "episodes.json", [{k: v for k, v in r.items() if k not in ("frames", "imagined")
                                             and not is_timing(k)} for r in results])
         write_json(tmp / "timings.json", [{k: v for k, v in r.items() if k in ("task", "seed") or is_timing(k)}
@@ -191,18 +191,12 @@ def summarize(results: list[dict], tasks: tuple[str, ...]) -> dict:
     return summary
 
 
-def write_videos(bundle: Path, recorded: list[dict], out: Path) -> None:
-    """MP4 per recorded episode: real frames of the first camera over the decoded imagined video."""
+def write_videos(recorded: list[dict], out: Path) -> None:
+    """MP4 per recorded episode: real frames of the first camera over the session's imagined video."""
     import av
-    import torch
 
-    from lingbot.vae.wan import decode_latents, load_vae
-
-    vae = load_vae(Path(bundle) / "vae")
     for r in recorded:
-        latents = torch.stack(r["imagined"])[:, 0]  # (T, z, h, w): first camera
-        imagined = decode_latents(vae, latents.permute(1, 0, 2, 3)[None])[0]  # (1 + 4(T-1), H, W, 3)
-        real = r["frames"]
+        real, imagined = r["frames"], r["imagined"]
         n = min(len(real), len(imagined))
         frames = np.concatenate([real[:n], imagined[:n]], axis=1)  # (n, 2H, W, 3)
         path = out / f"{r['task']}-{r['seed']}.mp4"
