@@ -370,7 +370,6 @@ class LatentWindows:
         }
 
 
-
 def collate_windows(items: list[dict]) -> dict:
     """Batch windows of one length (the trainer's sampler draws them so) into tensors."""
     n = len(items[0]["video"])
