@@ -19,18 +19,14 @@ def _run_config(args):
     """The run's config: the params file or preset, then `--set FIELD=VALUE` and the command's field flags
     (each a named `--set`, e.g. collect's `--episodes` is `collect.episodes`), all through
     `config.override`. Also pins torch's CPU threads to its `threads` (results depend on them)."""
-    from lingbot.config import assignments, load_run_config, override, preset
+    from lingbot.config import assignments, dotted_change, load_run_config, override, preset
 
     run = load_run_config(args.params) if args.params else preset(args.preset)
     run = override(run, assignments(run, args.set))
     for field, dest in args.fields.items():
         value = getattr(args, dest)
         if value is not None and value != []:
-            *sections, name = field.split(".")
-            change = {name: value}
-            for section in reversed(sections):
-                change = {section: change}
-            run = override(run, change)
+            run = override(run, dotted_change(field, value))
     if args.command in TORCH_COMMANDS:
         import torch
 

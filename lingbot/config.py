@@ -408,6 +408,15 @@ def override(config: Any, changes: dict[str, Any], where: str = "") -> Any:
     return dataclasses.replace(config, **updates)
 
 
+def dotted_change(field: str, value: Any) -> dict[str, Any]:
+    """`("collect.episodes", 20)` -> `{"collect": {"episodes": 20}}`, the nested change `override` takes."""
+    *sections, name = field.split(".")
+    change: dict[str, Any] = {name: value}
+    for section in reversed(sections):
+        change = {section: change}
+    return change
+
+
 def assignments(run: RunConfig, items: list[str]) -> dict[str, Any]:
     """`["collect.episodes=20", "evaluate.tasks=[push-v3]"]` -> the nested changes `override` takes. A
     value is read as YAML (numbers, booleans, lists), except for a text field, which takes it as written."""
