@@ -35,7 +35,7 @@ def _run_config(args):
 
 
 # Subcommands whose results are torch computations (threads pinned before any of it runs).
-TORCH_COMMANDS = ("fit-vae", "score-vae", "cache-latents", "pretrain", "finetune", "evaluate")
+TORCH_COMMANDS = ("fit-vae", "score-vae", "cache-latents", "pretrain", "finetune", "evaluate", "baseline")
 
 
 def _print_json(data: dict) -> None:
@@ -271,14 +271,53 @@ def cmd_evaluate(args) -> int:
     summary["machine"] = run_record("cpu", "fp32")  # rollout workers load the policy on the CPU, in fp32
     _write_metrics(args, summary)
     if cfg.env != "offline":
-        for task in cfg.tasks:
-            print(f"{task}: success {summary[f'{task}/success_rate']:.0%} "
-                  f"[{summary[f'{task}/success_ci_low']:.2f}, {summary[f'{task}/success_ci_high']:.2f}] "
-                  f"over {summary[f'{task}/episodes']} episodes")
+        _print_success(summary, cfg.tasks)
     if "offline/action_error" in summary:
         print(f"offline: action error {summary['offline/action_error']:.4f} (normalised) over "
               f"{summary['offline/episodes']} held-out episodes, {summary['offline/chunks']} chunks")
     _print_json(summary)
+    return 0
+
+
+def _print_success(summary: dict, tasks) -> None:
+    for task in tasks:
+        print(f"{task}: success {summary[f'{task}/success_rate']:.0%} "
+              f"[{summary[f'{task}/success_ci_low']:.2f}, {summary[f'{task}/success_ci_high']:.2f}] "
+              f"over {summary[f'{task}/episodes']} episodes")
+
+
+def cmd_baseline(args) -> int:
+    from lingbot.baselines.run import run_baseline
+
+    run = _run_config(args)
+    summary = run_baseline(args.kind, run, Path(args.demos), Path(args.cache), Path(args.out),
+                           Path(args.eval_out), progress=not args.quiet)
+    from lingbot.hardware import run_record
+
+    summary["machine"] = run_record("cpu", "fp32")
+    _write_metrics(args, summary)
+    _print_success(summary, run.evaluate.tasks)
+    _print_json(summary)
+    return 0
+
+
+def cmd_experiments(args) -> int:
+    import subprocess
+
+    from lingbot.errors import LingbotError
+    from lingbot.eval.experiments import pool_experiments, runs_of
+
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if args.all_commits else [])],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise LingbotError(f"dvc exp show failed: {lines[-1] if lines else proc.returncode}")
+    table = pool_experiments(runs_of(json.loads(proc.stdout)), args.metrics)
+    for row in table:
+        runs = ", ".join(f"{name} {wins}/{n}" for name, wins, n in zip(row["runs"], row["wins"], row["episodes"]))
+        print(f"{row['metrics']}: {row['mean']:.1%} over {len(row['runs'])} run(s) ({runs}), "
+              f"pooled Wilson [{row['ci_low']:.2f}, {row['ci_high']:.2f}]")
+    _print_json({"recipes": table})
     return 0
 
 
@@ -446,6 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
+    p = with_config(sub.add_parser("baseline", help="train a baseline (bc, act, diffusion) on the fine-tuning demos, "
+                                                    "roll it out on evaluate's held-out episodes"))
+    p.add_argument("kind", help="bc (plain image BC), act or diffusion (LeRobot's, through lerobot-train)")
+    p.add_argument("--demos", required=True, help="ingested dataset (data/demos)")
+    p.add_argument("--cache", required=True, help="latent cache: which episodes finetune trains on")
+    p.add_argument("--out", required=True, help="the trained baseline's directory")
+    p.add_argument("--eval-out", dest="eval_out", required=True, help="its rollouts (episodes.json)")
+    p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_baseline)
+
     p = with_config(sub.add_parser("publish", help="gate on the evaluation, release the policy bundle as tag vN"))
     p.add_argument("bundle", help="policy bundle directory (models/policy)")
     p.add_argument("--eval", required=True, help="evaluation metrics JSON (reports/eval.json)")
@@ -458,6 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="write the numeric report here (DVC metrics JSON)")
     p.add_argument("--quiet", action="store_true", help="no upload progress bars")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("experiments", help="success per recipe pooled over its seeds, from `dvc exp show`")
+    p.add_argument("--metrics", nargs="+", default=["reports/eval.json", *(f"reports/baselines/{k}.json" for k in
+                                                                          ("bc", "act", "diffusion"))],
+                   help="metrics files with success_rate and episodes (default: the world model and the baselines)")
+    p.add_argument("-A", "--all-commits", dest="all_commits", action="store_true",
+                   help="every commit's runs and experiments, not only HEAD's")
+    p.set_defaults(func=cmd_experiments)
 
     p = sub.add_parser("pull", help="fetch a release (REPO@TAG), verify every file, write DIR")
     p.add_argument("spec", help="org/name@vN (no @TAG: the newest release)")
@@ -477,12 +535,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_bench)
         return p
 
-    def targets(p, many):
-        p.add_argument("--target", help="fine-tune on and evaluate this task instead of the params' own" +
-                       (" (comma-separated: several targets)" if many else ""))
-        p.add_argument("--demos", type=int, help="fine-tune on the target's first N training demos "
-                                                 "(default: the params' finetune.max_episodes_per_task)")
-
     p = benchmark("data", "collect and validate throughput", workers=True)
     p.add_argument("--episodes", type=int, default=4, help="episodes per task to collect")
     p = benchmark("latents", "VAE encoding, streaming vs whole clips, the cache's loader, Dask fan-out", workers=True)
@@ -497,27 +549,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p = benchmark("realtime", "chunk latency with the KV cache against recomputing the sequence")
     p.add_argument("--preset", default="small", help="model preset")
-    p = benchmark("bc", "plain image behaviour cloning against the world model, per target and chain seed, "
-                        "on the same demos and held-out episodes (the quality table)", params=True, workers=True)
-    p.add_argument("--seeds", default="0", help="chain seeds (0: the params' own)")
-    p.add_argument("--steps", type=int, help="BC training steps (default: BCConfig's)")
-    p.add_argument("--episodes", type=int, help="held-out episodes per target (default: the params' evaluate.episodes)")
-    p.add_argument("--out", default="models/seeds", help="runs, resumed when present")
-    targets(p, many=True)
-    p = benchmark("seeds", "the run's training recipe (pretrain..evaluate) on several chain seeds", params=True,
-                  workers=True)
-    p.add_argument("--seeds", default="1,2", help="chain seeds to train")
-    p.add_argument("--with-run", dest="with_run", action="store_true",
-                   help="add the workspace's run (reports/eval.json) as the chain seed 0 row")
-    p.add_argument("--out", default="models/seeds", help="runs, resumed when present")
-    targets(p, many=False)
-    p = benchmark("peers", "LeRobot's ACT and Diffusion Policy (lerobot-train) on the same demos and budget",
-                  params=True, workers=True)
-    p.add_argument("--peers", default="act,diffusion", help="comma-separated LeRobot policy types")
-    p.add_argument("--budget-s", dest="budget_s", type=float,
-                   help="training seconds per peer (default: the world model's pretrain + finetune)")
-    p.add_argument("--out", default="models/peers", help="runs, resumed when present")
-    targets(p, many=False)
     return parser
 
 

@@ -261,6 +261,35 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class BCConfig:
+    """Plain image behaviour cloning (lingbot/baselines/bc.py), the baseline stage `bc` trains on the
+    fine-tuning demos (baselines/dvc.yaml)."""
+
+    steps: int = 1000  # x batch 64: ~630 s here, about the world model's pretrain + finetune time (~690 s)
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    chunk: int = 4  # actions predicted and executed per inference (the world model's K)
+    width: int = 32  # channels of the first conv layer (x2, x4 deeper)
+    hidden: int = 256
+    shift: int = 4  # random-shift augmentation, pixels
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    """LeRobot's ACT and Diffusion Policy (lingbot/baselines/lerobot_peers.py), the baseline stage `peer`
+    trains through `lerobot-train` on the fine-tuning demos (baselines/dvc.yaml)."""
+
+    # Training seconds per peer: its steps are this budget over the step time a 40-step probe measures
+    # (so a peer's steps, and its outs, depend on the machine). The small run's default is the world
+    # model's pretrain + finetune time in the committed run on this kind of machine.
+    budget_s: float = 1560.0
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class PublishConfig:
     """Where a release goes (stage publish) and the gate it must pass."""
 
@@ -310,6 +339,8 @@ class RunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    bc: BCConfig = field(default_factory=BCConfig)  # the baselines (baselines/dvc.yaml), not the chain
+    peers: PeersConfig = field(default_factory=PeersConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -450,7 +481,7 @@ def preset(name: str) -> RunConfig:
 
 
 # The sections whose seed the chain seed derives (not `evaluate`: its seeds are the held-out episodes).
-SEEDED_SECTIONS = ("collect", "ingest", "vae", "pretrain", "finetune", "policy")
+SEEDED_SECTIONS = ("collect", "ingest", "vae", "pretrain", "finetune", "policy", "bc", "peers")
 
 
 def derived_seed(chain_seed: int, section: str, own: int) -> int:

@@ -33,7 +33,7 @@ def new_project(tmp_path_factory, name: str, params: dict) -> Path:
     if shutil.which("dvc") is None:
         pytest.fail("dvc is not on PATH: run the tests through .ci/env")
     work = tmp_path_factory.mktemp(name)
-    for part in ("lingbot", "stages"):
+    for part in ("lingbot", "stages", "baselines"):
         shutil.copytree(REPO / part, work / part, ignore=shutil.ignore_patterns("__pycache__"))
     for part in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / part, work / part)

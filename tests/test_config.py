@@ -114,14 +114,16 @@ def test_every_command_overrides_any_field_through_one_mechanism(tmp_path):
 
 def test_every_params_file_holds_every_param_the_pipeline_names():
     """`dvc repro` refuses a params.yaml that lacks a param a stage lists (`Parameters 'ingest.source' are
-    missing`): the shipped params files (params.yaml, configs/*.yaml) hold them all and load."""
+    missing`): the shipped params files (params.yaml, configs/*.yaml) hold all of both pipelines' (the
+    chain's and the baselines') and load."""
     from pathlib import Path
 
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    named = {p for stage in stages.values() for p in stage.get("params", []) if isinstance(p, str)}
+    stages = [s.get("do", s) for pipeline in ("dvc.yaml", "baselines/dvc.yaml")
+              for s in yaml.safe_load((root / pipeline).read_text())["stages"].values()]
+    named = {p for stage in stages for p in stage.get("params", []) if isinstance(p, str)}
     for path in [root / "params.yaml", *sorted((root / "configs").glob("*.yaml"))]:
         params = yaml.safe_load(path.read_text())
         for name in named:
@@ -136,11 +138,11 @@ def test_each_benchmark_takes_only_its_own_flags():
     from lingbot.cli import build_parser
 
     parser = build_parser()
-    bc = parser.parse_args(["bench", "bc", "--target", "push-v3,drawer-open-v3", "--steps", "3"])
-    assert (bc.what, bc.seeds, bc.steps, bc.episodes, bc.out) == ("bc", "0", 3, None, "models/seeds")
-    assert parser.parse_args(["bench", "seeds"]).seeds == "1,2"
+    frames = parser.parse_args(["bench", "frames", "--target", "push-v3,drawer-open-v3", "--episodes", "3"])
+    assert (frames.what, frames.episodes, frames.target, frames.params) == ("frames", 3, "push-v3,drawer-open-v3",
+                                                                           "params.yaml")
     assert parser.parse_args(["bench", "train"]).steps == 10 and parser.parse_args(["bench", "vae"]).steps == 4
     for wrong in (["bench", "data", "--seeds", "1"], ["bench", "train", "--params", "p.yaml"],
-                  ["bench", "realtime", "--steps", "3"], ["bench", "seeds", "--peers", "act"]):
+                  ["bench", "realtime", "--steps", "3"], ["bench", "seeds"], ["bench", "bc"]):
         with pytest.raises(SystemExit):
             parser.parse_args(wrong)

@@ -22,6 +22,8 @@ TINY_PARAMS = {
     "policy": {"video_steps": 2, "video_exec_step": 1, "action_steps": 2},
     "evaluate": {"tasks": ["drawer-open-v3"], "episodes": 2, "max_steps": 8, "videos": 1},
     "publish": {"repo_id": "lingbot/tiny", "target": "local", "local_dir": "hub", "min_success": 0.0},
+    "bc": {"steps": 3, "seed": 0},
+    "peers": {"budget_s": 1, "seed": 0},
 }
 STAGES = ("collect", "ingest", "validate", "fit_vae", "score_vae", "cache_latents", "pretrain", "finetune", "evaluate", "publish")
 
@@ -67,85 +69,73 @@ def test_the_tiny_chain_is_byte_identical_from_scratch(project, first_repro, tmp
     assert [{k: s[k] for k in outcome} for s in scores] == [{k: scores[0][k] for k in outcome}] * 2
 
 
-def test_bench_seeds_reruns_the_recipe_and_its_own_seed_reproduces_the_run(project, first_repro, tmp_path,
-                                                                           monkeypatch):
+def _git_project(project, tmp_path):
+    """A copy of `project` (its DVC cache and outs) as a git repository with one commit: what DVC's
+    experiments need. DVC wrote no .gitignore under --no-scm: every out of both pipelines is ignored."""
+    import shutil
+
+    work = tmp_path / "exp"
+    shutil.copytree(project, work, symlinks=True)
+    outs = set()
+    for pipeline in ("dvc.yaml", "baselines/dvc.yaml"):
+        for stage in yaml.safe_load((work / pipeline).read_text())["stages"].values():
+            for item in stage.get("foreach", [None]):
+                outs |= {o.replace("${item}", str(item)) for o in stage.get("do", stage).get("outs", [])}
+    ignored = [*sorted(outs), "hub", ".dvc/tmp", ".dvc/cache"]
+    (work / ".gitignore").write_text("".join(f"/{o}\n" for o in ignored) + "__pycache__/\n")
+    _dvc(work, "config", "core.no_scm", "false")
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"]):
+        subprocess.run(["git", *args], cwd=work, check=True, capture_output=True)
+    return work
+
+
+def test_baselines_are_stages_and_a_seed_sweep_is_an_experiment(project, first_repro, tmp_path):
+    """baselines/dvc.yaml trains plain BC and LeRobot's ACT on finetune's demos and rolls them out on
+    evaluate's held-out episodes, after the chain's data stages and without rerunning them; another
+    training seed is a DVC experiment that reuses everything upstream of fine-tuning."""
     import json
+
+    work = _git_project(project, tmp_path)
+    bc = _dvc(work, "repro", "baselines/dvc.yaml:bc")
+    assert "Running stage 'baselines/dvc.yaml:bc'" in bc.stdout
+    assert not any(f"Running stage '{s}'" in bc.stdout for s in STAGES)  # the chain's outs are up to date
+    result = json.loads((work / "reports" / "baselines" / "bc.json").read_text())
+    run = json.loads((work / "reports" / "eval.json").read_text())
+    assert result["steps"] == 3 and result["demos"] == 1 and result["episodes"] == run["episodes"]
+    assert "train_seconds" not in result  # a timing: beside the metrics, out of dvc.lock
+    assert json.loads((work / "reports" / "baselines" / "bc.timings.json").read_text())["train_seconds"] > 0
+    seeds = [[(e["task"], e["seed"]) for e in json.loads((work / "reports" / d / "episodes.json").read_text())]
+             for d in ("eval", "baselines/bc")]
+    assert seeds[0] == seeds[1]  # the same held-out episodes
+    assert (work / "models" / "baselines" / "bc" / "bc.json").is_file()
+    assert "Running stage" not in _dvc(work, "repro", "baselines/dvc.yaml:bc").stdout
+
+    act = _dvc(work, "repro", "baselines/dvc.yaml:peer@act")
+    assert "Running stage 'baselines/dvc.yaml:peer@act'" in act.stdout and "peer@diffusion" not in act.stdout
+    trained = json.loads((work / "models" / "baselines" / "act" / "lingbot_peer.json").read_text())
+    assert trained["steps"] == 10 and len(trained["episodes"]) == 1  # budget 1 s: the floor of 10 steps
+    assert json.loads((work / "reports" / "baselines" / "act.json").read_text())["episodes"] == run["episodes"]
+
+    # Another fine-tuning seed: only fine-tuning and what follows it run again.
+    for args in (["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baselines"]):
+        subprocess.run(["git", *args], cwd=work, check=True, capture_output=True)
+    exp = _dvc(work, "exp", "run", "-n", "finetune-seed-1", "-S", "++finetune.seed=1")
+    assert "Running stage 'finetune'" in exp.stdout and "Running stage 'evaluate'" in exp.stdout
+    assert "Running stage 'pretrain'" not in exp.stdout and "dvc.yaml:bc" not in exp.stdout
+    trained = json.loads((work / "models" / "finetune" / "checkpoint" / "config.json").read_text())["train"]
+    assert trained["seed"] == 1
+    # The quality table: the commit's run and the experiment are one recipe over two seeds for the world
+    # model; BC, which the experiment did not rerun, is one run.
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "lingbot.cli", "bench", "seeds", "--seeds", "0,1", "--with-run",
-                           "--workers", "1", "--out", str(tmp_path / "seeds")], cwd=project, capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-m", "lingbot.cli", "experiments"], cwd=work, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["runs"] == 3 and set(result) >= {"seed0 (dvc repro)", "seed0", "seed1", "success_std"}
-    assert result["seed0"] == result["seed0 (dvc repro)"]  # the run's own seed: the run's outcome
-    run, again, other = result["per_seed"]
-    assert (again["pretrain_seed"], again["finetune_seed"]) == (0, 0)
-    assert other["pretrain_seed"] not in (0, again["pretrain_seed"])
-    # Training time is pretrain + finetune: the run's own pretraining for its seed, the one trained here
-    # (kept beside it for the seed's other targets) for seed 1.
-    timed = json.loads((tmp_path / "seeds" / "seed-1" / "pretrain" / "seconds.json").read_text())["seconds"]
-    from lingbot.bench.quality import world_model_train_seconds
-    from lingbot.config import load_run_config
-
-    monkeypatch.chdir(project)  # the run's reports/
-    run_pretrain = world_model_train_seconds(load_run_config(project / "params.yaml"))["pretrain"]
-    for row, pretrain_s in ((again, run_pretrain), (other, timed)):
-        assert row["finetune_seconds"] > 0 and row["latency_ms"] > 0
-        assert abs(row["train_seconds"] - row["finetune_seconds"] - pretrain_s) <= 0.11
-    episodes = [json.loads((tmp_path / "seeds" / "seed-0" / "drawer-open-v3" / "eval" / "episodes.json").read_text()),
-                json.loads((project / "reports" / "eval" / "episodes.json").read_text())]
-    assert episodes[0] == episodes[1]
-
-    # bench bc: plain BC per chain seed beside the world model's rows (the run for seed 0, the runs above
-    # for seed 1: not trained again), on the same held-out episodes.
-    def bench_bc():
-        proc = subprocess.run([sys.executable, "-m", "lingbot.cli", "bench", "bc", "--seeds", "0,1", "--steps", "3",
-                               "--workers", "1", "--out", str(tmp_path / "seeds")], cwd=project, capture_output=True,
-                              text=True)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    table = bench_bc()["targets"]["drawer-open-v3"]
-    wins = [round(r["success_rate"] * r["episodes"]) for r in (run, other)]
-    assert table["wm_wins_per_seed"] == wins and len(table["bc_wins_per_seed"]) == 2
-    assert table["episodes"] == run["episodes"] and table["demos"] >= 1
-    for seed in (0, 1):
-        bc = json.loads((tmp_path / "seeds" / f"seed-{seed}" / "drawer-open-v3" / "bc" / "result.json").read_text())
-        assert bc["steps"] == 3 and bc["episodes"] == run["episodes"]
-    assert bench_bc()["targets"]["drawer-open-v3"] == table  # kept runs are read back, not redone
-
-    # bench peers --demos: the world model's row is that few-demo recipe, fine-tuned by bench seeds from
-    # the run's own pretraining (not trained again) into a run of its own beside the run on all demos
-    # (not the dvc run's result); the peer trains through lerobot-train on the same episodes.
-    proc = subprocess.run([sys.executable, "-m", "lingbot.cli", "bench", "peers", "--peers", "act", "--demos", "2",
-                           "--budget-s", "1", "--workers", "1", "--out", str(tmp_path / "peers")], cwd=project,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    wm, act = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
-    assert (wm["method"], act["method"]) == ("lingbot world model", "LeRobot act")
-    assert wm["demos"] == act["demos"] == 1  # the tiny run has one drawer-open training episode
-    few = project / "models" / "seeds" / "seed-0" / "drawer-open-v3-2demos"
-    kept = json.loads((few / "result.json").read_text())
-    assert wm["success"] == kept["success_rate"] and wm["train_s"] == kept["train_seconds"]
-    trained = json.loads((few / "finetune" / "checkpoint" / "config.json").read_text())["train"]
-    assert trained["max_episodes_per_task"] == 2
-    assert not (few.parent / "pretrain").exists()  # the dvc run's pretraining, reused
-    assert json.loads((tmp_path / "peers/act/drawer-open-v3-2demos/result.json").read_text()) == act
-
-    # A kept run of another recipe is an error, never read back as this one's result.
-    from lingbot.bench.quality import bench_bc, bench_seeds, retarget
-    from lingbot.errors import LingbotError
-
-    other = yaml.safe_load((project / "params.yaml").read_text())
-    other["finetune"]["steps"] += 1
-    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
-    with pytest.raises(LingbotError, match="fine-tuned by another recipe"):
-        bench_seeds(tmp_path / "other.yaml", [1], 1, tmp_path / "seeds", False)
-    with pytest.raises(LingbotError, match="trained with other steps, seed or demos than asked"):
-        bench_bc(project / "params.yaml", 4, None, 1, [0, 1], [], tmp_path / "seeds")  # kept BC ran 3 steps
-    with pytest.raises(LingbotError, match="--demos 0: fine-tune on at least 1 demo"):
-        retarget(load_run_config(project / "params.yaml"), None, 0)
+    table = {row["metrics"]: row for row in json.loads(proc.stdout.strip().splitlines()[-1])["recipes"]}
+    assert set(table) == {"reports/eval.json", "reports/baselines/bc.json", "reports/baselines/act.json"}
+    world = table["reports/eval.json"]
+    assert sorted(world["runs"]) == ["finetune-seed-1", "main"] and world["episodes"] == [2, 2]
+    assert world["seeds"][world["runs"].index("finetune-seed-1")]["finetune.seed"] == 1
+    assert table["reports/baselines/bc.json"]["runs"] == ["main"]
 
 
 def test_repro_runs_caches_and_reruns_only_downstream(project, first_repro):

@@ -16,6 +16,8 @@ with repo.lock:
             rel = dep.def_path
             if rel.startswith(CODE) and dep.exists:
                 old = dep.hash_info
+                if not old:  # never run (no lock entry): nothing recorded to bring up to date
+                    continue
                 dep.save()
                 if dep.hash_info != old:
                     touched = True

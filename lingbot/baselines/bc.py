@@ -6,7 +6,7 @@ executed open loop like the world model's chunks) under an L1 loss, in the same 
 the world model uses. Random-shift augmentation, AdamW, cosine decay. It is trained on exactly the demos
 the world model is fine-tuned on (the latent cache's train episodes of the fine-tuning tasks, same cap),
 whose frames come from the ingested LeRobot dataset, and rolled out by `lingbot.sim.evaluate` on the
-same held-out seeds through the same session interface. `lingbot bench bc` runs the comparison.
+same held-out seeds through the same session interface: the `bc` stage of baselines/dvc.yaml.
 
 Saved as `bc.safetensors` + `bc.json` (config, cameras, keys, normalisation): no pickles.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,22 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lingbot.config import BCConfig
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir
 from lingbot.train.schedule import lr_factor
-
-
-@dataclass(frozen=True)
-class BCConfig:
-    steps: int = 1000  # x batch 64: ~630 s here, about the world model's pretrain + finetune time (~690 s)
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    chunk: int = 4  # actions predicted and executed per inference (the world model's K)
-    width: int = 32  # channels of the first conv layer (x2, x4 deeper)
-    hidden: int = 256
-    shift: int = 4  # random-shift augmentation, pixels
-    seed: int = 0
 
 
 class SpatialSoftmax(nn.Module):

@@ -69,7 +69,7 @@ def train_peer(kind: str, demos: Path, episodes: list[int], out: Path, steps: in
                seed: int = 0, threads: int = 2, extra: tuple[str, ...] = ()) -> dict:
     """`lerobot-train` of peer `kind` on `episodes` of the ingested dataset at `demos`; writes `out`."""
     if kind not in PEER_ARGS:
-        raise LingbotError(f"bench peers: unknown peer {kind!r} (known: {', '.join(PEERS)})")
+        raise LingbotError(f"peer: unknown peer {kind!r} (known: {', '.join(PEERS)})")
     demos = Path(demos)
     described = json.loads((demos / "lingbot.json").read_text())
     dataset = (demos / "dataset").resolve()
@@ -98,7 +98,7 @@ def train_peer(kind: str, demos: Path, episodes: list[int], out: Path, steps: in
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-            raise LingbotError(f"bench peers: lerobot-train {kind} failed (exit {proc.returncode}):\n{tail}")
+            raise LingbotError(f"peer: lerobot-train {kind} failed (exit {proc.returncode}):\n{tail}")
         # LeRobot logs each interval's mean update and data-loading seconds per step; the first
         # interval holds the warm-up. Their sum is the step time without the process's start-up.
         logged = [float(u) + float(d) for u, d in re.findall(r"updt_s:([\d.]+).*?data_s:([\d.]+)", proc.stdout + proc.stderr)]
@@ -114,6 +114,19 @@ def train_peer(kind: str, demos: Path, episodes: list[int], out: Path, steps: in
                     "step_seconds": round(step_seconds, 4)}
             (target / "lingbot_peer.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def train_peer_for(kind: str, demos: Path, episodes: list[int], out: Path, budget_s: float, batch_size: int = 8,
+                   seed: int = 0, threads: int = 2) -> dict:
+    """`train_peer` for about `budget_s` seconds. A 40-step `lerobot-train` probe's own log gives the
+    seconds per step after the warm-up (its update and data-loading times), and its wall time less those
+    steps the start-up; steps = (budget - start-up) / seconds per step, at least 10. (Two short runs'
+    wall times differenced gave 695k steps when the shorter run was slowed by another process.)"""
+    with tempfile.TemporaryDirectory(prefix="lingbot-calibrate-") as tmp:
+        probe = train_peer(kind, demos, episodes, Path(tmp) / "probe", 40, batch_size, seed, threads)
+    start_up = max(0.0, probe["train_seconds"] - 40 * probe["step_seconds"])
+    steps = max(10, int((budget_s - start_up) / probe["step_seconds"]))
+    return train_peer(kind, demos, episodes, out, steps, batch_size, seed, threads)
 
 
 class PeerPolicy:

@@ -1,9 +1,10 @@
 """Benchmarks: `lingbot bench WHAT` prints a table, then one JSON object as its last line.
 
-`speed`: data, latents, vae, train, realtime. `frames`: recorded frames against raw renders. `quality`:
-bc, seeds, peers (on a `dvc repro` run's data). As library calls on a given device (what `.ci/gpu`
-runs on a GPU machine, docs/GPU.md): `speed.train_mfu`, `speed.latency_modes`, and in `budget` what a
-fixed time of training buys, `vae_for_seconds` and `policy_for_seconds`.
+`speed`: data, latents, vae, train, realtime. `frames`: recorded frames against raw renders. As library
+calls on a given device (what `.ci/gpu` runs on a GPU machine, docs/GPU.md): `speed.train_mfu`,
+`speed.latency_modes`, and in `budget` what a fixed time of training buys, `vae_for_seconds` and
+`policy_for_seconds`. Quality is not measured here: the baselines are DVC stages (baselines/dvc.yaml) and a
+sweep over seeds or targets is a DVC experiment (docs/experiments.md).
 Every result carries the machine it ran on (`lingbot.hardware.machine`: the CPU kernels' ISA, the GPU,
 torch) and the precision it computed in.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lingbot.bench.quality import bench_bc, bench_peers, bench_seeds
 from lingbot.bench.speed import bench_data, bench_latents, bench_realtime, bench_train, bench_vae
 
 
@@ -36,18 +36,8 @@ def run(what: str, args) -> int:
         from lingbot.bench.frames import bench_frames
 
         result = bench_frames(Path(args.params), args.episodes, args.target.split(",") if args.target else [])
-    elif what == "bc":
-        result = bench_bc(Path(args.params), args.steps, args.episodes, args.workers,
-                          [int(v) for v in args.seeds.split(",")],
-                          args.target.split(",") if args.target else [], Path(args.out), args.demos)
     elif what == "realtime":
         result = bench_realtime(args.preset)
-    elif what == "peers":
-        result = bench_peers(Path(args.params), args.peers.split(","), args.budget_s, args.workers, Path(args.out),
-                             args.target, demos=args.demos)
-    elif what == "seeds":
-        result = bench_seeds(Path(args.params), [int(v) for v in args.seeds.split(",")], args.workers,
-                             Path(args.out), args.with_run, args.target, demos=args.demos)
     else:  # argparse restricts the choices; kept for direct callers
         raise ValueError(f"unknown benchmark {what!r}")
     result = with_machine(result)

@@ -1,6 +1,6 @@
 """The success metrics every evaluation reports: a rate with its 95% Wilson interval, per run and pooled
-over runs (chain seeds). Closed-loop rollouts (`lingbot/sim/evaluate.py`, `lingbot/sim/lerobot_env.py`)
-and the quality benchmarks (`lingbot/bench/quality.py`) all count successes here."""
+over runs (seeds). Closed-loop rollouts (`lingbot/sim/evaluate.py`, `lingbot/sim/lerobot_env.py`), the
+baselines and the table over DVC experiments (`lingbot/eval/experiments.py`) all count successes here."""
 
 from __future__ import annotations
 
