@@ -37,3 +37,14 @@ def test_the_project_speaks_of_itself():
     hits = [f"{f.relative_to(ROOT)}: {m.group(0)}" for f in files if f.name != "test_docs.py"
             for m in WORKSHOP.finditer(f.read_text())]
     assert not hits, hits
+
+
+def test_the_generated_results_table_is_current():
+    """docs/results.md's comparison table is `tools/results.py`'s rendering of reports/peers.json: a
+    changed measurement without a regenerated page (or a hand edit of the table) fails here."""
+    import json
+
+    from tools.results import PAGE, render
+
+    page = PAGE.read_text()
+    assert render(page, json.loads((ROOT / "reports" / "peers.json").read_text())) == page
