@@ -86,3 +86,15 @@ def test_not_a_bc_directory_is_one_clear_error(tmp_path):
 
     with pytest.raises(LingbotError, match="bc.json: missing"):
         load_bc(tmp_path)
+
+
+def test_the_baseline_command_refuses_an_unknown_kind_or_a_run_without_a_simulator(tmp_path, capsys):
+    from lingbot.cli import main
+
+    common = ["--preset", "tiny", "--demos", str(tmp_path), "--cache", str(tmp_path), "--out", str(tmp_path / "m"),
+              "--eval-out", str(tmp_path / "e")]
+    assert main(["baseline", "vqbet", *common]) == 2
+    assert "baseline: unknown kind 'vqbet' (known: bc, act, diffusion)" in capsys.readouterr().err
+    assert main(["baseline", "bc", *common, "--set", "evaluate.env=offline"]) == 2
+    assert "rolled out in simulation (evaluate.env sim)" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "e").exists()
