@@ -161,3 +161,19 @@ def test_the_kl_weight_changes_the_loss_by_what_it_says():
         logs[weight] = train(build_vae(cfg), clips, cfg, progress=False)[0]
     assert logs[0.0]["kl"] == pytest.approx(logs[0.1]["kl"], rel=1e-6) and logs[0.0]["kl"] > 0.01
     assert logs[0.1]["loss"] - logs[0.0]["loss"] == pytest.approx(0.1 * logs[0.0]["kl"], rel=1e-4)
+
+
+def test_the_latent_statistics_sample_is_spread_and_bounded():
+    import numpy as np
+
+    from lingbot.vae.fit import STATS_CLIPS, STATS_FRAMES, stats_sample
+
+    def clips(n, frames):
+        return [np.full((frames, 1, 1, 3), i, np.int32) for i in range(n)]
+
+    short = clips(360, 156)  # MetaWorld's default: 180 episodes x 2 cameras, at most 156 frames
+    assert [int(c[0, 0, 0, 0]) for c in stats_sample(short)] == list(range(0, 360, 360 // STATS_CLIPS))
+    long = stats_sample(clips(90, 400))  # ALOHA: 90 episodes of 400 frames
+    assert [int(c[0, 0, 0, 0]) for c in long] == list(range(0, 90, 8))
+    assert sum(len(c) for c in long) <= STATS_FRAMES
+    assert len(stats_sample(clips(1, 20000))) == 1

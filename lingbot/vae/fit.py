@@ -24,6 +24,7 @@ from lingbot.vae.wan import build_vae, encode_clip, load_vae, to_pixels, usable_
 
 EVAL_FRAMES = 17  # 1 + 4*4 frames scored per held-out episode and camera
 STATS_CLIPS = 48  # training clips encoded to measure the latent normalisation
+STATS_FRAMES = 8192  # ... and at most about this many frames (long episodes: fewer clips)
 WARMUP_STEPS = 20  # the learning rate's linear ramp, under a cosine over all steps
 
 
@@ -190,6 +191,17 @@ def evaluate(vae, clips: list[np.ndarray]) -> tuple[dict, torch.Tensor, torch.Te
     return {"psnr_db": round(psnr(b, a), 3), "ssim": round(ssim(b, a), 4), "eval_frames": int(len(a))}, a, b
 
 
+def stats_sample(clips: list[np.ndarray]) -> list[np.ndarray]:
+    """A spread sample of the training clips for the latent statistics: every (n // STATS_CLIPS)-th clip,
+    halved while it holds more than STATS_FRAMES frames. It pins the per-channel statistics well; all
+    of them costs minutes. MetaWorld's sample (52 clips of <= 156 frames) stays as it was; ALOHA's
+    (90 clips of 400 frames: 36,000 frames) becomes 12 clips spread over the training episodes."""
+    sample = clips[:: max(1, len(clips) // STATS_CLIPS)]
+    while len(sample) > 1 and sum(len(c) for c in sample) > STATS_FRAMES:
+        sample = sample[::2]
+    return sample
+
+
 @torch.no_grad()
 def measure_latent_stats(vae, clips: list[np.ndarray]) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of the raw posterior-mean latents over all given clips."""
@@ -252,8 +264,7 @@ def fit_vae(cfg: VAEConfig, demos: Path, out: Path, grid_png: Path | None = None
         log = train(vae, train_clips, cfg, progress, backgrounds, precision)
         record = run_record(device, precision)
     metrics, originals, recons = evaluate(vae, val_clips)
-    # A spread sample of training clips pins the per-channel statistics well; all of them costs minutes.
-    mean, std = measure_latent_stats(vae, train_clips[:: max(1, len(train_clips) // STATS_CLIPS)])
+    mean, std = measure_latent_stats(vae, stats_sample(train_clips))
     # `_lingbot`: diffusers keeps keys with a leading underscore in config.json and passes them to no one.
     vae.register_to_config(latents_mean=mean, latents_std=std, _lingbot=record)
     with atomic_dir(Path(out)) as tmp:
