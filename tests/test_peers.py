@@ -15,7 +15,7 @@ def test_a_tiny_peer_trains_through_lerobot_and_rolls_out_through_evaluate(kind,
     episodes = json.loads((ingested / "split.json").read_text())["train"][:2]
     meta = train_peer(kind, ingested, episodes, tmp_path / kind, steps=2, batch_size=2)
     assert meta["peer"] == kind and meta["episodes"] == sorted(episodes) and meta["steps"] == 2
-    # the step time read from LeRobot's own log: without the process's start-up (bench peers' calibration)
+    # the step time read from LeRobot's own log: without the process's start-up (train_peer_for's calibration)
     assert 0 < meta["step_seconds"] < meta["train_seconds"] / 2
     assert (tmp_path / kind / "config.json").is_file() and (tmp_path / kind / "model.safetensors").is_file()
     cfg = EvalConfig(tasks=("drawer-open-v3",), episodes=1, max_steps=6, workers=1, videos=0)
