@@ -84,7 +84,8 @@ def test_the_chain_reaches_a_release_without_a_simulator(released, robot_dataset
     assert published["version"] == 1
     card = next((project / "hub").rglob("README.md")).read_text()
     assert "publish.max_action_error" in card and joints[0] in card
-    assert dvc(project, "status").stdout.strip() in ("", "Data and pipelines are up to date.")
+    # The chain is up to date (the baselines' pipeline, never run here, is not part of it).
+    assert dvc(project, "status", "dvc.yaml").stdout.strip() in ("", "Data and pipelines are up to date.")
 
 
 def test_the_gate_refuses_a_release_above_the_error_bound(released):
