@@ -312,7 +312,10 @@ def cmd_experiments(args) -> int:
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise LingbotError(f"dvc exp show failed: {lines[-1] if lines else proc.returncode}")
-    table = pool_experiments(runs_of(json.loads(proc.stdout)), args.metrics)
+    from lingbot.baselines.run import KINDS
+
+    metrics = args.metrics or ["reports/eval.json", *(f"reports/baselines/{kind}.json" for kind in KINDS)]
+    table = pool_experiments(runs_of(json.loads(proc.stdout)), metrics)
     for row in table:
         runs = ", ".join(f"{name} {wins}/{n}" for name, wins, n in zip(row["runs"], row["wins"], row["episodes"]))
         print(f"{row['metrics']}: {row['mean']:.1%} over {len(row['runs'])} run(s) ({runs}), "
@@ -510,9 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("experiments", help="success per recipe pooled over its seeds, from `dvc exp show`")
-    p.add_argument("--metrics", nargs="+", default=["reports/eval.json", *(f"reports/baselines/{k}.json" for k in
-                                                                          ("bc", "act", "diffusion"))],
-                   help="metrics files with success_rate and episodes (default: the world model and the baselines)")
+    p.add_argument("--metrics", nargs="+", help="metrics files with success_rate and episodes (default: "
+                   "reports/eval.json and every baseline's reports/baselines/KIND.json)")
     p.add_argument("-A", "--all-commits", dest="all_commits", action="store_true",
                    help="every commit's runs and experiments, not only HEAD's")
     p.set_defaults(func=cmd_experiments)

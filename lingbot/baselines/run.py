@@ -31,11 +31,11 @@ def run_baseline(kind: str, run, demos: Path, cache: Path, model_out: Path, eval
     if run.evaluate.env != "sim":
         raise LingbotError(f"baseline: evaluate.env is {run.evaluate.env!r}; the baselines are rolled out in "
                            "simulation (evaluate.env sim)")
-    episodes = select_episodes(open_manifest(Path(cache)), run.finetune)
     if kind == "bc":
         from lingbot.baselines.bc import load_bc, load_demos, save_bc, train_bc
 
-        data = load_demos(Path(demos), Path(cache), run.finetune, run.bc.chunk)
+        data = load_demos(Path(demos), Path(cache), run.finetune, run.bc.chunk)  # finetune's episodes
+        episodes = data["episodes"]
         model, losses, seconds = train_bc(data, run.bc, progress)
         save_bc(model, data, run.bc, Path(model_out))
         trained = {"steps": run.bc.steps, "params": sum(p.numel() for p in model.parameters()),
@@ -44,6 +44,7 @@ def run_baseline(kind: str, run, demos: Path, cache: Path, model_out: Path, eval
     else:
         from lingbot.baselines.lerobot_peers import load_peer, train_peer_for
 
+        episodes = select_episodes(open_manifest(Path(cache)), run.finetune)
         meta = train_peer_for(kind, Path(demos), episodes, Path(model_out), run.peers.budget_s,
                               run.peers.batch_size, run.peers.seed, run.threads)
         trained = {"steps": meta["steps"], "train_seconds": meta["train_seconds"]}
