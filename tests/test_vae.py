@@ -177,3 +177,25 @@ def test_the_latent_statistics_sample_is_spread_and_bounded():
     assert [int(c[0, 0, 0, 0]) for c in long] == list(range(0, 90, 8))
     assert sum(len(c) for c in long) <= STATS_FRAMES
     assert len(stats_sample(clips(1, 20000))) == 1
+
+
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="the stall is in oneDNN's AMX kernel")
+def test_a_bf16_step_that_stalls_on_this_cpu_trains_in_fp32(caplog):
+    """On a CPU with AMX, the small VAE's bf16 weight gradient at 128x128 never finishes with 2 threads
+    (oneDNN's brgconv_bwd_w): fit_vae's probe sees it and trains in fp32, saying why; 64x64 frames keep
+    bf16 without a probe, 96x128 ones (probed) too."""
+    from lingbot.config import preset
+    from lingbot.vae.fit import bf16_step_stalls, cpu_precision
+
+    cfg, cpu = preset("small").vae, torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level("WARNING", logger="lingbot.vae"):
+            assert cpu_precision(cfg, "bf16", cpu, (128, 128), timeout_s=10.0) == "fp32"
+        assert "did not finish" in caplog.text and "128x128" in caplog.text
+        assert cpu_precision(cfg, "bf16", cpu, (64, 64)) == "bf16"
+        assert not bf16_step_stalls(cfg, (96, 128), 2)
+        assert cpu_precision(cfg, "fp32", cpu, (128, 128)) == "fp32"
+    finally:
+        torch.set_num_threads(threads)

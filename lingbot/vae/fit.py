@@ -6,7 +6,10 @@ Output directory: `config.json` (with `latents_mean` / `latents_std`) + `diffusi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -26,6 +29,8 @@ EVAL_FRAMES = 17  # 1 + 4*4 frames scored per held-out episode and camera
 STATS_CLIPS = 48  # training clips encoded to measure the latent normalisation
 STATS_FRAMES = 8192  # ... and at most about this many frames (long episodes: fewer clips)
 WARMUP_STEPS = 20  # the learning rate's linear ramp, under a cosine over all steps
+
+logger = logging.getLogger("lingbot.vae")
 
 
 def read_demos(demos: Path) -> tuple[dict, dict, object]:
@@ -234,6 +239,71 @@ def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int 
         Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(tmp, format="PNG")
 
 
+BF16_PROBE_TIMEOUT_S = 60.0  # one training step; finishing ones take ~0.5-2 s on 2 CPU cores at 64-128 px
+BF16_MEASURED_PIXELS = 96 * 128  # frames up to this size (64x64, ALOHA's 96x128) trained in bf16 without a stall
+
+
+def _probe_step(cfg_json: str, h: int, w: int, threads: int) -> None:
+    """Child of `bf16_step_stalls`: one bf16 training step of the VAE on random clips of h x w, saying
+    "start" once built and "done" once stepped on stdout."""
+    cfg = VAEConfig(**json.loads(cfg_json))
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 256, (cfg.clip_frames, h, w, 3), dtype=np.uint8) for _ in range(cfg.batch_size)]
+    vae = build_vae(cfg)
+    print("start", flush=True)
+    train(vae, clips, dataclasses.replace(cfg, steps=1, foreground_weight=0.0), progress=False, precision="bf16")
+    print("done", flush=True)
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_step_stalls(cfg: VAEConfig, shape: tuple[int, int], threads: int,
+                     timeout_s: float = BF16_PROBE_TIMEOUT_S) -> bool:
+    """Whether one bf16 training step of `cfg`'s VAE on (h, w) = `shape` frames fails to finish within
+    `timeout_s` on this CPU with `threads` threads, tried in a child process (a stalled oneDNN call cannot
+    be interrupted in this one; importing and building are not timed). On CPUs with AMX, oneDNN's AMX
+    kernel for a convolution's weight gradient (brgconv_bwd_w) can stall with more than one thread:
+    here (torch 2.11) a 64-channel 3x3x3 convolution on 64x64 planes, i.e. the small VAE at 128x128,
+    never finished, while 64x64 and 96x128 images, one thread, or oneDNN capped below AMX all run it in
+    well under a second."""
+    import selectors
+    import subprocess
+    import sys
+
+    code = "import sys; from lingbot.vae.fit import _probe_step; _probe_step(sys.argv[1], *map(int, sys.argv[2:]))"
+    cfg_json = json.dumps(dataclasses.asdict(cfg))
+    with subprocess.Popen([sys.executable, "-c", code, cfg_json, str(shape[0]), str(shape[1]), str(threads)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                for word, limit in (("start", 10 * timeout_s), ("done", timeout_s)):
+                    if not sel.select(limit):
+                        return True
+                    if proc.stdout.readline().strip() != word:  # the child failed: not a stall
+                        return False
+                return False
+        finally:
+            proc.kill()
+
+
+def cpu_precision(cfg: VAEConfig, precision: str, device: torch.device, shape: tuple[int, int],
+                  timeout_s: float = BF16_PROBE_TIMEOUT_S) -> str:
+    """`precision` for training on `device`, or fp32 where a bf16 step would stall (`bf16_step_stalls`),
+    with a warning saying so. Only frames larger than `BF16_MEASURED_PIXELS` on CPUs with AMX and more
+    than one thread are probed (~5 s, mostly the child's imports)."""
+    threads = torch.get_num_threads()
+    if (precision != "bf16" or device.type != "cpu" or threads < 2 or shape[0] * shape[1] <= BF16_MEASURED_PIXELS
+            or not torch.cpu._is_amx_tile_supported()):
+        return precision
+    if not bf16_step_stalls(cfg, shape, threads, timeout_s):
+        return precision
+    logger.warning("fit_vae: a bf16 training step at %dx%d did not finish in %.0f s on this CPU (oneDNN's AMX "
+                   "weight-gradient kernel stalls at this size with %d threads): training in fp32",
+                   shape[0], shape[1], timeout_s, threads)
+    return "fp32"
+
+
 def fit_vae(cfg: VAEConfig, demos: Path, out: Path, grid_png: Path | None = None,
             log_tsv: Path | None = None, progress: bool = True, device: str | None = None,
             frames=None) -> dict:
@@ -260,6 +330,7 @@ def fit_vae(cfg: VAEConfig, demos: Path, out: Path, grid_png: Path | None = None
         log, record = [], {"pretrained": cfg.pretrained, **run_record(device, "fp32")}
     else:
         precision = resolve_precision(cfg.precision, device, "fit_vae")
+        precision = cpu_precision(cfg, precision, device, tuple(train_clips[0].shape[1:3]))
         vae = build_vae(cfg).to(device)
         log = train(vae, train_clips, cfg, progress, backgrounds, precision)
         record = run_record(device, precision)
