@@ -112,6 +112,10 @@ class VAEConfig:
     # FOREGROUND_SCALE or more (0: off). The table and walls are the same in every frame and take most
     # of a plain loss; what a task is about (the arm, a puck, a goal marker, a handle) moves between frames.
     foreground_weight: float = 0.0
+    # Weight of the latents' alignment to a frozen ImageNet encoder's features (EfficientNet-Lite0 at
+    # 1/16 of the frame resized to 16x the latent grid; VA-VAE's loss: lingbot/vae/teacher.py) against the
+    # reconstruction error (0: off). Semantic latents, where a reconstruction loss averages small objects away.
+    align_weight: float = 0.0
     # Training's arithmetic (lingbot/hardware.py): "auto" autocasts to bf16 where the hardware has it
     # (AVX512-BF16/AMX CPUs, CUDA: 1.2x faster steps here) and runs fp32 elsewhere (emulated bf16 is
     # ~44x slower); "bf16" or "fp32" force it. Scoring and the latent statistics are always fp32.

@@ -199,3 +199,54 @@ def test_a_bf16_step_that_stalls_on_this_cpu_trains_in_fp32(caplog):
         assert cpu_precision(cfg, "fp32", cpu, (128, 128)) == "fp32"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_teacher_is_efficientnet_lite0_with_its_imagenet_weights():
+    """The network written in lingbot/vae/teacher.py, loaded with the package's weights, puts a photograph
+    of a cat in ImageNet's cat classes (281-285: tabby, tiger, Persian, Siamese, Egyptian cat): a wrong
+    stride, padding, activation or block order would not."""
+    from pathlib import Path
+
+    from lingbot.vae.teacher import load_teacher
+
+    image = np.asarray(Image.open(Path(__file__).parent / "data" / "chelsea-96.png").convert("RGB"))
+    x = (torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() - 127) / 128
+    with torch.no_grad():
+        p = load_teacher()(x).softmax(-1)[0]
+    assert int(p.argmax()) in range(281, 286) and float(p[281:286].sum()) > 0.8
+
+
+def test_the_alignment_loss_is_zero_for_latents_that_carry_the_features_of_their_frames():
+    """Latents equal to the teacher's features of the frames each latent frame encodes (first frame
+    alone, then groups of 4), through an identity projection: no loss. The same latents a frame off in
+    time, or random ones, are penalised."""
+    from lingbot.vae.teacher import FEATURE_CHANNELS, alignment_loss, group_frames, teacher_features
+
+    torch.manual_seed(0)
+    frames = torch.rand(1, 3, 9, 32, 32) * 2 - 1  # three latent frames of different content:
+    frames[:, :, 1:5] = torch.linspace(-1, 1, 32)  # noise, a ramp, a checkerboard of 8x8 squares
+    frames[:, :, 5:] = ((torch.arange(32) // 8)[:, None] + (torch.arange(32) // 8)[None, :]) % 2 * 2.0 - 1
+    t, (h, w) = 3, (2, 2)
+    grouped = group_frames(frames, t)
+    assert torch.allclose(grouped[:, :, 1], frames[:, :, 1:5].mean(dim=2))
+    feats = teacher_features(grouped.transpose(1, 2).flatten(0, 1), (h, w))  # (t, D, h, w)
+    latents = feats.unflatten(0, (1, t)).transpose(1, 2)  # (1, D, t, h, w)
+    identity = torch.nn.Conv2d(FEATURE_CHANNELS, FEATURE_CHANNELS, 1, bias=False)
+    identity.weight.data = torch.eye(FEATURE_CHANNELS)[:, :, None, None]
+    assert alignment_loss(latents, identity, frames).item() == pytest.approx(0.0, abs=1e-6)
+    shifted = latents[:, :, [0, 2, 1]]
+    assert alignment_loss(shifted, identity, frames).item() > 0.01
+    assert alignment_loss(torch.randn_like(latents), identity, frames).item() > 0.1
+
+
+def test_fit_vae_with_the_alignment_trains_the_encoder_toward_the_features():
+    """vae.align_weight adds the alignment to the loss (logged), and over a few steps on the same clip it
+    falls: the encoder and the projection learn from it."""
+    from lingbot.vae.fit import train
+
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)]
+    cfg = VAEConfig(base_dim=8, z_dim=4, clip_frames=5, steps=30, batch_size=1, lr=5e-3, align_weight=1.0)
+    log = train(build_vae(cfg), clips, cfg, progress=False)
+    assert all("align" in e for e in log)
+    assert np.mean([e["align"] for e in log[-5:]]) < 0.8 * np.mean([e["align"] for e in log[:5]])
