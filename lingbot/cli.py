@@ -138,6 +138,10 @@ def cmd_score_vae(args) -> int:
         report = {"scored": False, "episodes": 0}
     else:
         report = score_vae_objects(Path(args.demos), Path(args.vae), episodes=args.episodes or 0)
+        if args.probe:
+            from lingbot.eval.objects import probe_object_positions
+
+            report["probe"] = probe_object_positions(Path(args.demos), Path(args.vae), args.probe)
     if args.metrics:  # per task as well: nested numbers stay in the metrics file
         from lingbot.fsutil import write_json
 
@@ -430,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("demos", help="ingest directory (its held-out episodes are scored)")
     p.add_argument("--vae", required=True, help="VAE directory (diffusers layout)")
     p.add_argument("--episodes", type=int, help="score the first N held-out episodes only")
+    p.add_argument("--probe", metavar="CAMERA", help="also fit a linear read-out of the objects' pixels from "
+                   "this fixed camera's latents on the training episodes and score it on the held-out ones")
     p.add_argument("--metrics", help="write the report here (DVC metrics JSON)")
     p.set_defaults(func=cmd_score_vae)
 

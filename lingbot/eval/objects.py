@@ -9,7 +9,10 @@ wrist view) are left out: where an object lies in them needs the camera's pose p
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+import torch
 
 BOX_FRACTION = 0.1  # box side as a fraction of the image side (7 px at 64x64)
 POINTS = ("object", "goal")  # observation.environment_state: object xyz, goal xyz
@@ -40,6 +43,11 @@ def camera_projection(task: str, camera: str, image_size: int) -> np.ndarray | N
     if camera in ROTATED_CAMERAS:  # recorded turned by 180 degrees: (col, row) -> (S-1-col, S-1-row)
         intrinsics = np.array([[-1, 0, image_size - 1], [0, -1, image_size - 1], [0, 0, 1.0]]) @ intrinsics
     return intrinsics @ to_camera
+
+
+@functools.lru_cache(maxsize=None)
+def _projection(task: str, camera: str, image_size: int) -> np.ndarray | None:
+    return camera_projection(task, camera, image_size)
 
 
 def project(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -77,6 +85,33 @@ def box_psnr(original: np.ndarray, reconstruction: np.ndarray, masks: np.ndarray
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
+def _scene(demos):
+    """(manifest, split, layout, {episode: MetaWorld task}, {episode: (T, 3 * len(POINTS)) world positions})
+    of an ingest directory whose dataset records `observation.environment_state`."""
+    from pathlib import Path
+
+    from lingbot.data.lerobot_io import episode_tasks, read_frames
+    from lingbot.errors import LingbotError
+    from lingbot.sim.metaworld import task_description, task_names
+    from lingbot.vae.fit import read_demos
+
+    manifest, split, layout = read_demos(Path(demos))
+    key = "observation.environment_state"
+    if key not in layout.features:
+        raise LingbotError(f"{Path(demos) / 'dataset'}: no {key!r} column (where the objects are): "
+                           "collect the demos with lingbot's MetaWorld collection")
+    by_instruction = {task_description(t): t for t in task_names()}
+    tasks = {}
+    for ep, text in episode_tasks(layout).items():
+        if text not in by_instruction:
+            raise LingbotError(f"episode {ep}: task {text!r} is not a MetaWorld task lingbot knows")
+        tasks[ep] = by_instruction[text]
+    table = read_frames(layout, ["episode_index", key])
+    index = table.column("episode_index").to_numpy()
+    positions = np.asarray(table.column(key).to_pylist(), np.float64)
+    return manifest, split, layout, tasks, {ep: positions[index == ep] for ep in np.unique(index).tolist()}
+
+
 def score_vae_objects(demos, vae_dir, episodes: int = 0) -> dict:
     """PSNR of the VAE's reconstructions (posterior mean) of the held-out episodes of an ingest
     directory `demos`: over whole frames, and in a box around the task's object and its goal in every
@@ -84,48 +119,30 @@ def score_vae_objects(demos, vae_dir, episodes: int = 0) -> dict:
     `observation.environment_state` (lingbot's MetaWorld collection records it)."""
     from pathlib import Path
 
-    from lingbot.data.lerobot_io import episode_tasks, read_frames
-    from lingbot.errors import LingbotError
-    from lingbot.sim.metaworld import task_description, task_names
-    from lingbot.vae.fit import load_frames, read_demos
+    from lingbot.vae.fit import load_frames
     from lingbot.vae.wan import decode_latents, encode_clip, load_vae, to_pixels, usable_frames
 
-    manifest, split, layout = read_demos(Path(demos))
-    key = "observation.environment_state"
-    if key not in layout.features:
-        raise LingbotError(f"{Path(demos) / 'dataset'}: no {key!r} column (where the objects are): "
-                           "collect the demos with lingbot's MetaWorld collection")
+    manifest, split, layout, tasks, positions = _scene(demos)
     held_out = list(split["val"])[: episodes or None]
-    by_instruction = {task_description(t): t for t in task_names()}
-    tasks = episode_tasks(layout)
-    table = read_frames(layout, ["episode_index", key])
-    index = table.column("episode_index").to_numpy()
-    positions = np.asarray(table.column(key).to_pylist(), np.float64)
     vae = load_vae(Path(vae_dir)).eval()
     totals = {name: [0.0, 0] for name in ("frame", *POINTS)}  # squared error sum, pixel count
     per_task: dict[str, dict] = {}
-    matrices: dict = {}
     size = None  # the image side, from the first clip scored
     for camera_key in manifest["keys"]["cameras"]:
         camera = camera_key.removeprefix("observation.images.")
         clips = load_frames(layout, [camera_key], held_out)
         for ep, clip in zip(held_out, clips):
-            task = by_instruction.get(tasks[ep])
+            task = tasks[ep]
             size = clip.shape[1]
-            if task is None:
-                raise LingbotError(f"episode {ep}: task {tasks[ep]!r} is not a MetaWorld task lingbot knows")
-            if (task, camera) not in matrices:
-                matrices[task, camera] = camera_projection(task, camera, size)
-            matrix = matrices[task, camera]
+            matrix = _projection(task, camera, size)
             if matrix is None:
                 continue
             n = usable_frames(len(clip))
             recon = decode_latents(vae, encode_clip(vae, to_pixels(clip[:n]).to(vae.device)))[0]  # (n, H, W, 3)
             original = clip[:n]
             err = (original.astype(np.float64) - recon.astype(np.float64)) ** 2
-            where = positions[index == ep][:n]
             sums = {"frame": (err.sum(), err.size)}
-            for name, masks in point_masks(matrix, where, size).items():
+            for name, masks in point_masks(matrix, positions[ep][:n], size).items():
                 picked = err[masks]
                 sums[name] = (picked.sum(), picked.size)
             row = per_task.setdefault(task, {name: [0.0, 0] for name in totals})
@@ -140,3 +157,111 @@ def score_vae_objects(demos, vae_dir, episodes: int = 0) -> dict:
     return {"episodes": len(held_out), "box_px": box_side(size) if size else None,
             **{f"{name}_psnr_db": db(acc) for name, acc in totals.items()},
             "per_task": {t: {f"{name}_psnr_db": db(acc) for name, acc in row.items()} for t, row in sorted(per_task.items())}}
+
+
+PROBE_RIDGE = (1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried, on standardised latents
+PROBE_FOLDS = 4  # cross-validation folds (by episode) that pick the strength
+
+
+def latent_targets(pixels: np.ndarray, n_latent: int) -> np.ndarray:
+    """(T, ...) per-frame values -> (n_latent, ...) the value at the last frame each causal latent frame
+    encodes (frame 0, then 4, 8, ...)."""
+    return pixels[np.minimum(np.arange(n_latent) * 4, len(pixels) - 1)]
+
+
+def ridge_fit(x: np.ndarray, y: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Closed-form ridge of y (N, k) on x (N, d), x standardised: (mean, scale, weights, intercept)."""
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mean) / scale
+    y_mean = y.mean(0)
+    weights = np.linalg.solve(xs.T @ xs + strength * np.eye(x.shape[1]), xs.T @ (y - y_mean))
+    return mean, scale, weights, y_mean
+
+
+def ridge_predict(fit, x: np.ndarray) -> np.ndarray:
+    mean, scale, weights, y_mean = fit
+    return ((x - mean) / scale) @ weights + y_mean
+
+
+def probe_scores(x: np.ndarray, y: np.ndarray, episode: np.ndarray, held_out: np.ndarray) -> dict | None:
+    """Ridge read-out of y (N, 2 * len(POINTS): each point's pixel column and row) from x (N, d), fitted on
+    the rows whose `held_out` is False (the strength by cross-validation over their `episode`s), scored
+    on the others: per point the RMSE in pixels and R^2 against the training mean. None without rows
+    on both sides."""
+    if not held_out.any() or held_out.all():
+        return None
+    train = ~held_out
+    train_eps = np.unique(episode[train])
+    folds = np.arange(len(train_eps)) % min(PROBE_FOLDS, len(train_eps))
+
+    def cv_error(strength):
+        if len(train_eps) < 2:
+            return 0.0
+        err = 0.0
+        for k in np.unique(folds):
+            out = np.isin(episode, train_eps[folds == k]) & train
+            fit = ridge_fit(x[train & ~out], y[train & ~out], strength)
+            err += ((ridge_predict(fit, x[out]) - y[out]) ** 2).sum()
+        return err
+
+    strength = min(PROBE_RIDGE, key=cv_error)
+    fit = ridge_fit(x[train], y[train], strength)
+    pred, truth = ridge_predict(fit, x[held_out]), y[held_out]
+    row = {"ridge": strength, "train_frames": int(train.sum()), "held_out_frames": int(held_out.sum())}
+    for i, name in enumerate(POINTS):
+        cols = slice(2 * i, 2 * i + 2)
+        mse = ((pred[:, cols] - truth[:, cols]) ** 2).sum(1).mean()
+        base = ((y[train][:, cols].mean(0) - truth[:, cols]) ** 2).sum(1).mean()
+        row[f"{name}_rmse_px"] = round(float(np.sqrt(mse)), 3)
+        row[f"{name}_r2"] = round(float(1 - mse / base), 4) if base > 0 else None
+    return row
+
+
+def probe_object_positions(demos, vae_dir, camera: str = "corner3") -> dict:
+    """How well a linear read-out of the VAE's latents finds the objects: per task, a ridge regression from
+    the fixed `camera`'s latent frame (all its cells and channels) to the object's and the goal's pixel in
+    that camera, fitted on the training episodes (strength by episode-wise cross-validation), scored on the
+    held-out ones: RMSE in pixels and R^2 against predicting the training mean. Reconstruction PSNR cannot
+    see a latent that knows where the puck is without drawing it sharply; this can."""
+    from pathlib import Path
+
+    from lingbot.errors import LingbotError
+    from lingbot.vae.fit import load_frames
+    from lingbot.vae.wan import encode_clip, load_vae, to_pixels, usable_frames
+
+    manifest, split, layout, tasks, positions = _scene(demos)
+    key = f"observation.images.{camera}"
+    if key not in manifest["keys"]["cameras"]:
+        raise LingbotError(f"{demos}: no camera {camera!r} (cameras: {manifest['keys']['cameras']})")
+    vae = load_vae(Path(vae_dir)).eval()
+    episodes = list(split["train"]) + list(split["val"])
+    held_out = set(split["val"])
+    samples: dict[str, dict] = {}  # task -> {"x": [], "y": [], "ep": [], "val": []}
+    size = None
+    with torch.no_grad():
+        for ep, clip in zip(episodes, load_frames(layout, [key], episodes)):
+            task, size = tasks[ep], clip.shape[1]
+            matrix = _projection(task, camera, size)
+            if matrix is None:
+                raise LingbotError(f"camera {camera!r} moves: pick a fixed camera to probe")
+            n = usable_frames(len(clip))
+            z = encode_clip(vae, to_pixels(clip[:n]).to(vae.device))[0]  # (z, t, h, w)
+            x = z.transpose(0, 1).flatten(1).cpu().double().numpy()
+            where = positions[ep][:n]
+            y = np.concatenate([project(matrix, where[:, 3 * i : 3 * i + 3]) for i in range(len(POINTS))], axis=1)
+            acc = samples.setdefault(task, {"x": [], "y": [], "ep": [], "val": []})
+            acc["x"].append(x)
+            acc["y"].append(latent_targets(y, len(x)))
+            acc["ep"] += [ep] * len(x)
+            acc["val"] += [ep in held_out] * len(x)
+    per_task = {}
+    for task, acc in sorted(samples.items()):
+        row = probe_scores(np.concatenate(acc["x"]), np.concatenate(acc["y"]), np.asarray(acc["ep"]),
+                           np.asarray(acc["val"]))
+        if row is not None:
+            per_task[task] = row
+    means = {}
+    for name in POINTS:
+        scores = [r[f"{name}_r2"] for r in per_task.values() if r[f"{name}_r2"] is not None]
+        means[f"{name}_r2_mean"] = round(float(np.mean(scores)), 4) if scores else None
+    return {"camera": camera, "image_px": size, **means, "per_task": per_task}
