@@ -89,7 +89,7 @@ def test_the_probe_finds_objects_that_the_latents_encode_and_not_ones_they_drop(
     bump = np.exp(-((puck[:, None, None, 0] - centres[None, None, :]) ** 2
                     + (puck[:, None, None, 1] - centres[None, :, None]) ** 2) / (2 * 8.0**2))
     noise = rng.normal(size=(len(ep), cells * cells))
-    kept = probe_scores(bump.reshape(len(ep), -1) + 0.05 * noise, y, ep, held_out)
+    kept = probe_scores(10 * bump.reshape(len(ep), -1) + 0.5 * noise, y, ep, held_out)  # ~unit scale, as latents
     dropped = probe_scores(noise, y, ep, held_out)
     assert kept["object_r2"] > 0.8 and kept["object_rmse_px"] < 8
     assert dropped["object_r2"] < 0.1 and dropped["object_rmse_px"] > 15
