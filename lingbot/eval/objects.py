@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
 
 BOX_FRACTION = 0.1  # box side as a fraction of the image side (7 px at 64x64)
 POINTS = ("object", "goal")  # observation.environment_state: object xyz, goal xyz
 
 
+@functools.lru_cache(maxsize=None)
 def camera_projection(task: str, camera: str, image_size: int) -> np.ndarray | None:
     """(3, 4) pinhole matrix of a fixed MetaWorld camera (pixel column, row, 1 ~ P @ [x, y, z, 1]) in the
     image as lingbot records it (corner cameras turned upright); None for a camera that moves."""
@@ -45,11 +45,6 @@ def camera_projection(task: str, camera: str, image_size: int) -> np.ndarray | N
     return intrinsics @ to_camera
 
 
-@functools.lru_cache(maxsize=None)
-def _projection(task: str, camera: str, image_size: int) -> np.ndarray | None:
-    return camera_projection(task, camera, image_size)
-
-
 def project(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """(N, 3) world points -> (N, 2) pixel (column, row)."""
     h = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ matrix.T
@@ -71,11 +66,15 @@ def box_masks(pixels: np.ndarray, image_size: int) -> np.ndarray:
     return rows[:, :, None] & cols[:, None, :]
 
 
+def point_pixels(matrix: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """{point: (T, 2) pixel (column, row)} of each of POINTS, from (T, 3 * len(POINTS)) world positions per
+    frame (`observation.environment_state`) seen through the camera `matrix`."""
+    return {name: project(matrix, positions[:, 3 * i : 3 * i + 3]) for i, name in enumerate(POINTS)}
+
+
 def point_masks(matrix: np.ndarray, positions: np.ndarray, image_size: int) -> dict[str, np.ndarray]:
-    """{point: (T, S, S) box masks} of each of POINTS, from (T, 3 * len(POINTS)) world positions per frame
-    (`observation.environment_state`) seen through the camera `matrix`."""
-    return {name: box_masks(project(matrix, positions[:, 3 * i : 3 * i + 3]), image_size)
-            for i, name in enumerate(POINTS)}
+    """{point: (T, S, S) box masks} of each of POINTS (positions as `point_pixels` takes them)."""
+    return {name: box_masks(pixels, image_size) for name, pixels in point_pixels(matrix, positions).items()}
 
 
 def box_psnr(original: np.ndarray, reconstruction: np.ndarray, masks: np.ndarray) -> float:
@@ -134,7 +133,7 @@ def score_vae_objects(demos, vae_dir, episodes: int = 0) -> dict:
         for ep, clip in zip(held_out, clips):
             task = tasks[ep]
             size = clip.shape[1]
-            matrix = _projection(task, camera, size)
+            matrix = camera_projection(task, camera, size)
             if matrix is None:
                 continue
             n = usable_frames(len(clip))
@@ -166,7 +165,9 @@ PROBE_FOLDS = 4  # cross-validation folds (by episode) that pick the strength
 def latent_targets(pixels: np.ndarray, n_latent: int) -> np.ndarray:
     """(T, ...) per-frame values -> (n_latent, ...) the value at the last frame each causal latent frame
     encodes (frame 0, then 4, 8, ...)."""
-    return pixels[np.minimum(np.arange(n_latent) * 4, len(pixels) - 1)]
+    from lingbot.vae.wan import TEMPORAL_GROUP
+
+    return pixels[np.minimum(np.arange(n_latent) * TEMPORAL_GROUP, len(pixels) - 1)]
 
 
 def ridge_fit(x: np.ndarray, y: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -239,22 +240,20 @@ def probe_object_positions(demos, vae_dir, camera: str = "corner3") -> dict:
     held_out = set(split["val"])
     samples: dict[str, dict] = {}  # task -> {"x": [], "y": [], "ep": [], "val": []}
     size = None
-    with torch.no_grad():
-        for ep, clip in zip(episodes, load_frames(layout, [key], episodes)):
-            task, size = tasks[ep], clip.shape[1]
-            matrix = _projection(task, camera, size)
-            if matrix is None:
-                raise LingbotError(f"camera {camera!r} moves: pick a fixed camera to probe")
-            n = usable_frames(len(clip))
-            z = encode_clip(vae, to_pixels(clip[:n]).to(vae.device))[0]  # (z, t, h, w)
-            x = z.transpose(0, 1).flatten(1).cpu().double().numpy()
-            where = positions[ep][:n]
-            y = np.concatenate([project(matrix, where[:, 3 * i : 3 * i + 3]) for i in range(len(POINTS))], axis=1)
-            acc = samples.setdefault(task, {"x": [], "y": [], "ep": [], "val": []})
-            acc["x"].append(x)
-            acc["y"].append(latent_targets(y, len(x)))
-            acc["ep"] += [ep] * len(x)
-            acc["val"] += [ep in held_out] * len(x)
+    for ep, clip in zip(episodes, load_frames(layout, [key], episodes)):
+        task, size = tasks[ep], clip.shape[1]
+        matrix = camera_projection(task, camera, size)
+        if matrix is None:
+            raise LingbotError(f"camera {camera!r} moves: pick a fixed camera to probe")
+        n = usable_frames(len(clip))
+        z = encode_clip(vae, to_pixels(clip[:n]).to(vae.device))[0]  # (z, t, h, w)
+        x = z.transpose(0, 1).flatten(1).cpu().double().numpy()
+        y = np.concatenate(list(point_pixels(matrix, positions[ep][:n]).values()), axis=1)
+        acc = samples.setdefault(task, {"x": [], "y": [], "ep": [], "val": []})
+        acc["x"].append(x)
+        acc["y"].append(latent_targets(y, len(x)))
+        acc["ep"] += [ep] * len(x)
+        acc["val"] += [ep in held_out] * len(x)
     per_task = {}
     for task, acc in sorted(samples.items()):
         row = probe_scores(np.concatenate(acc["x"]), np.concatenate(acc["y"]), np.asarray(acc["ep"]),

