@@ -434,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("demos", help="ingest directory (its held-out episodes are scored)")
     p.add_argument("--vae", required=True, help="VAE directory (diffusers layout)")
     p.add_argument("--episodes", type=int, help="score the first N held-out episodes only")
-    p.add_argument("--probe", metavar="CAMERA", help="also fit a linear read-out of the objects' pixels from "
-                   "this fixed camera's latents on the training episodes and score it on the held-out ones")
+    p.add_argument("--probe", metavar="CAMERA", help="also score a linear read-out of the objects' pixels from "
+                   "this fixed camera's latents, each episode read by a fit on the others")
     p.add_argument("--metrics", help="write the report here (DVC metrics JSON)")
     p.set_defaults(func=cmd_score_vae)
 

@@ -35,9 +35,6 @@ def bench_frames(params: Path, episodes: int, tasks: list[str]) -> dict:
             attempt += 1
             if episode.success:
                 raw[task].append(episode)
-    # Each fixed camera's projection once per task (it builds the task's environment); None: it moves.
-    projections = {(task, cam): camera_projection(task, cam, base.image_size) for task in base.tasks
-                   for cam in base.cameras}
     ours = {k: getattr(base, k) for k in LEROBOT_DEFAULT}
     result = {"bench": "frames", "tasks": ",".join(base.tasks), "episodes_per_task": episodes,
               "image_size": base.image_size}
@@ -61,7 +58,7 @@ def bench_frames(params: Path, episodes: int, tasks: list[str]) -> dict:
                             raise RuntimeError(error)
                         truth = episode.images[cam]
                         scores["frame"].append((truth, decoded, np.ones(truth.shape[:3], bool)))
-                        matrix = projections[task, cam]
+                        matrix = camera_projection(task, cam, cfg.image_size)  # cached; None: the camera moves
                         if matrix is not None:
                             for point, masks in point_masks(matrix, episode.objects, cfg.image_size).items():
                                 scores[point].append((truth, decoded, masks))

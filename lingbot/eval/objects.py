@@ -159,7 +159,8 @@ def score_vae_objects(demos, vae_dir, episodes: int = 0) -> dict:
 
 
 PROBE_RIDGE = (1e2, 1e3, 1e4, 1e5)  # ridge strengths tried: x^T x has ~N (frames) on its diagonal, N ~ 400 per task
-PROBE_FOLDS = 4  # cross-validation folds (by episode) that pick the strength
+PROBE_FOLDS = 4  # inner cross-validation folds (by episode) that pick the strength
+PROBE_SCORE_FOLDS = 10  # outer folds (by episode): every episode's frames are predicted by a read-out fitted without it
 
 
 def latent_targets(pixels: np.ndarray, n_latent: int) -> np.ndarray:
@@ -185,46 +186,57 @@ def ridge_predict(fit, x: np.ndarray) -> np.ndarray:
     return (x - mean) @ weights + y_mean
 
 
-def probe_scores(x: np.ndarray, y: np.ndarray, episode: np.ndarray, held_out: np.ndarray) -> dict | None:
-    """Ridge read-out of y (N, 2 * len(POINTS): each point's pixel column and row) from x (N, d), fitted on
-    the rows whose `held_out` is False (the strength by cross-validation over their `episode`s), scored
-    on the others: per point the RMSE in pixels and R^2 against the training mean. None without rows
-    on both sides."""
-    if not held_out.any() or held_out.all():
-        return None
-    train = ~held_out
-    train_eps = np.unique(episode[train])
-    folds = np.arange(len(train_eps)) % min(PROBE_FOLDS, len(train_eps))
+def episode_folds(episode: np.ndarray, k: int) -> np.ndarray:
+    """Fold of each row: its episode's rank modulo k (all of an episode's frames in one fold)."""
+    return np.searchsorted(np.unique(episode), episode) % k
+
+
+def ridge_by_episode(x: np.ndarray, y: np.ndarray, episode: np.ndarray):
+    """A ridge fit whose strength minimises the squared error of episode-wise cross-validation."""
+    folds = episode_folds(episode, min(PROBE_FOLDS, len(np.unique(episode))))
 
     def cv_error(strength):
-        if len(train_eps) < 2:
-            return 0.0
-        err = 0.0
-        for k in np.unique(folds):
-            out = np.isin(episode, train_eps[folds == k]) & train
-            fit = ridge_fit(x[train & ~out], y[train & ~out], strength)
-            err += ((ridge_predict(fit, x[out]) - y[out]) ** 2).sum()
-        return err
+        return sum(((ridge_predict(ridge_fit(x[folds != k], y[folds != k], strength), x[folds == k])
+                     - y[folds == k]) ** 2).sum() for k in np.unique(folds) if (folds != k).any())
 
     strength = min(PROBE_RIDGE, key=cv_error)
-    fit = ridge_fit(x[train], y[train], strength)
-    pred, truth = ridge_predict(fit, x[held_out]), y[held_out]
-    row = {"ridge": strength, "train_frames": int(train.sum()), "held_out_frames": int(held_out.sum())}
+    return strength, ridge_fit(x, y, strength)
+
+
+def probe_scores(x: np.ndarray, y: np.ndarray, episode: np.ndarray) -> dict | None:
+    """Ridge read-out of y (N, 2 * len(POINTS): each point's pixel column and row) from x (N, d), scored by
+    cross-fitting: the episodes split into PROBE_SCORE_FOLDS folds, each fold's frames predicted by a
+    read-out fitted on the others (its strength by cross-validation within them). Per point the RMSE in
+    pixels over every frame and R^2 against predicting each fold's training mean. Every episode is
+    scored, not a handful of held-out ones: a goal that is fixed within an episode has one value per
+    episode, and four episodes' R^2 is mostly noise. None with fewer than two episodes."""
+    n_eps = len(np.unique(episode))
+    if n_eps < 2:
+        return None
+    folds = episode_folds(episode, min(PROBE_SCORE_FOLDS, n_eps))
+    pred, base, strengths = np.empty_like(y), np.empty_like(y), []
+    for k in np.unique(folds):
+        out = folds == k
+        strength, fit = ridge_by_episode(x[~out], y[~out], episode[~out])
+        pred[out], base[out] = ridge_predict(fit, x[out]), y[~out].mean(0)
+        strengths.append(strength)
+    row = {"ridge": float(np.median(strengths)), "episodes": int(n_eps), "frames": len(y)}
     for i, name in enumerate(POINTS):
         cols = slice(2 * i, 2 * i + 2)
-        mse = ((pred[:, cols] - truth[:, cols]) ** 2).sum(1).mean()
-        base = ((y[train][:, cols].mean(0) - truth[:, cols]) ** 2).sum(1).mean()
+        mse = ((pred[:, cols] - y[:, cols]) ** 2).sum(1).mean()
+        spread = ((base[:, cols] - y[:, cols]) ** 2).sum(1).mean()
         row[f"{name}_rmse_px"] = round(float(np.sqrt(mse)), 3)
-        row[f"{name}_r2"] = round(float(1 - mse / base), 4) if base > 0 else None
+        row[f"{name}_r2"] = round(float(1 - mse / spread), 4) if spread > 0 else None
     return row
 
 
 def probe_object_positions(demos, vae_dir, camera: str = "corner3") -> dict:
     """How well a linear read-out of the VAE's latents finds the objects: per task, a ridge regression from
     the fixed `camera`'s latent frame (all its cells and channels) to the object's and the goal's pixel in
-    that camera, fitted on the training episodes (strength by episode-wise cross-validation), scored on the
-    held-out ones: RMSE in pixels and R^2 against predicting the training mean. Reconstruction PSNR cannot
-    see a latent that knows where the puck is without drawing it sharply; this can."""
+    that camera, cross-fitted over the task's episodes, training and held-out alike (`probe_scores`: each
+    episode read by a fit that never saw it): RMSE in pixels and R^2 against predicting the mean.
+    Reconstruction PSNR cannot see a latent that knows where the puck is without drawing it sharply; this
+    can."""
     from pathlib import Path
 
     from lingbot.errors import LingbotError
@@ -237,8 +249,7 @@ def probe_object_positions(demos, vae_dir, camera: str = "corner3") -> dict:
         raise LingbotError(f"{demos}: no camera {camera!r} (cameras: {manifest['keys']['cameras']})")
     vae = load_vae(Path(vae_dir)).eval()
     episodes = list(split["train"]) + list(split["val"])
-    held_out = set(split["val"])
-    samples: dict[str, dict] = {}  # task -> {"x": [], "y": [], "ep": [], "val": []}
+    samples: dict[str, dict] = {}  # task -> {"x": [], "y": [], "ep": []}
     size = None
     for ep, clip in zip(episodes, load_frames(layout, [key], episodes)):
         task, size = tasks[ep], clip.shape[1]
@@ -249,20 +260,18 @@ def probe_object_positions(demos, vae_dir, camera: str = "corner3") -> dict:
         z = encode_clip(vae, to_pixels(clip[:n]).to(vae.device))[0]  # (z, t, h, w)
         x = z.transpose(0, 1).flatten(1).cpu().double().numpy()
         y = np.concatenate(list(point_pixels(matrix, positions[ep][:n]).values()), axis=1)
-        acc = samples.setdefault(task, {"x": [], "y": [], "ep": [], "val": []})
+        acc = samples.setdefault(task, {"x": [], "y": [], "ep": []})
         acc["x"].append(x)
         acc["y"].append(latent_targets(y, len(x)))
         acc["ep"] += [ep] * len(x)
-        acc["val"] += [ep in held_out] * len(x)
     per_task = {}
     for task, acc in sorted(samples.items()):
-        row = probe_scores(np.concatenate(acc["x"]), np.concatenate(acc["y"]), np.asarray(acc["ep"]),
-                           np.asarray(acc["val"]))
+        row = probe_scores(np.concatenate(acc["x"]), np.concatenate(acc["y"]), np.asarray(acc["ep"]))
         if row is not None:
             per_task[task] = row
     means = {}
     for name in POINTS:
         scores = [r[f"{name}_r2"] for r in per_task.values() if r[f"{name}_r2"] is not None]
-        # the median: a task whose point barely moves in its held-out episodes has an R^2 of any size
+        # the median: a task whose point barely moves has an R^2 of any size
         means[f"{name}_r2_median"] = round(float(np.median(scores)), 4) if scores else None
     return {"camera": camera, "image_px": size, **means, "per_task": per_task}
