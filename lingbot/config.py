@@ -201,6 +201,11 @@ class TrainConfig:
     # state, as it must when the imagined future is poor (the policy's `imagined_noise`).
     chunk_noise_p: float = 0.0
     chunk_noise_max: float = 1.0
+    # History-action dropout: each chunk's clean actions, as later chunks read them, zeroed with this
+    # probability (its own targets unchanged). In a smooth demonstration the past actions alone predict
+    # the next ones well, and a policy that leans on them copies its own drift in closed loop (causal
+    # confusion, de Haan et al. 2019); dropped, the action expert must read the video and the state.
+    action_history_dropout: float = 0.0
     video_weight: float = 1.0
     action_weight: float = 1.0
     checkpoint_every: int = 100

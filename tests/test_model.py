@@ -185,6 +185,24 @@ def test_per_chunk_history_noise_levels_each_chunk_and_is_off_by_default():
         assert flow_matching_loss(model, batch, on, A)["loss"] != flow_matching_loss(model, batch, off, A)["loss"]
 
 
+def test_history_action_dropout_hides_a_chunks_actions_from_later_chunks_only():
+    """Chunk 0 is context only: its actions reach the loss only as history. With dropout 1 they are
+    hidden, so changing them changes nothing; off, they count, and the draws of the rest do not move."""
+    model, batch = tiny_model(), _loss_batch()
+    moved = dict(batch, actions=batch["actions"].clone())
+    moved["actions"][:, 0] = -batch["actions"][:, 0]
+    off = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0))
+    on = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0),
+                    action_history_dropout=1.0)
+    assert "action_history_keep" not in off and all(torch.equal(off[k], on[k]) for k in off)
+    assert not on["action_history_keep"].any()
+    half = draw_noise(_loss_batch(n=12), 16, 3.0, 0.5, torch.Generator().manual_seed(0), action_history_dropout=0.5)
+    assert 0 < half["action_history_keep"].float().mean() < 1
+    with torch.no_grad():
+        assert flow_matching_loss(model, moved, on, A)["loss"] == flow_matching_loss(model, batch, on, A)["loss"]
+        assert flow_matching_loss(model, moved, off, A)["loss"] != flow_matching_loss(model, batch, off, A)["loss"]
+
+
 def test_padding_action_channels_are_zero_in_training_and_sampling():
     """The robot uses A of the model's 16 action channels: the rest must look alike when trained and sampled."""
     from lingbot.model.world_model import KVCache

@@ -557,7 +557,8 @@ def sample_times(shape, shift: float, generator=None, device=None) -> torch.Tens
 
 def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p: float,
                generator: torch.Generator | None = None, chunk_noise_p: float = 0.0,
-               chunk_noise_max: float = 1.0, batch_size: int | None = None) -> dict:
+               chunk_noise_max: float = 1.0, batch_size: int | None = None,
+               action_history_dropout: float = 0.0) -> dict:
     """Every random draw of one teacher-forced step, for the whole (global) batch, on the CPU.
 
     Drawn apart from the loss so that data-parallel ranks can draw the global batch's noise from one
@@ -569,7 +570,7 @@ def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p:
     g = generator
     video_shape = (B, *video.shape[1:])
     action_shape = (B, *actions.shape[1:-1], action_channels)
-    return {
+    noise = {
         "t_video": sample_times((B, n), shift, g),
         "t_action": sample_times((B, n), shift, g),
         "eps_video": torch.randn(video_shape, generator=g),
@@ -580,6 +581,9 @@ def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p:
         "chunk_history": (torch.rand(B, n, generator=g) < chunk_noise_p) * torch.rand(B, n, generator=g)
         * chunk_noise_max,
     }
+    if action_history_dropout > 0:  # after the rest, and absent when off: the draws above do not move
+        noise["action_history_keep"] = torch.rand(B, n, generator=g) >= action_history_dropout
+    return noise
 
 
 def pad_channels(x: torch.Tensor, channels: int, what: str) -> torch.Tensor:
@@ -665,9 +669,11 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
     if "chunk_history" in nz:
         t_h = torch.maximum(t_h, nz["chunk_history"])
     clean_v = mix(video, nz["eps_history"], t_h, 4)
+    # History-action dropout: the clean copy later chunks attend to, zeroed per chunk; targets unchanged.
+    clean_a = actions * nz["action_history_keep"][..., None, None] if "action_history_keep" in nz else actions
 
     state = pad_channels(batch["start_state"], cfg.state_channels, "state") if cfg.state_channels else None
-    pred_v, pred_a = model(noisy_v, clean_v, noisy_a, actions, t_v, t_a, t_h, batch["task"], state)
+    pred_v, pred_a = model(noisy_v, clean_v, noisy_a, clean_a, t_v, t_a, t_h, batch["task"], state)
     # The first chunk of a window is context only: its noisy video attends to no clean block (a window
     # starting mid-episode would predict a frame from the task text alone; at run time chunk 0 is always
     # the real first observation), and mid-episode its actions would be decoded without the frame they

@@ -373,7 +373,8 @@ def _train(cfg, model_cfg, cache, out, init_from, stop_after, progress, rank, wo
         batch = sampler.batch(step, rows=rows)
         noise = draw_noise(batch, model_cfg.action_channels, cfg.shift, cfg.history_noise_p,
                            torch.Generator().manual_seed(cfg.seed * 1_000_003 + step), cfg.chunk_noise_p,
-                           cfg.chunk_noise_max, batch_size=cfg.batch_size)
+                           cfg.chunk_noise_max, batch_size=cfg.batch_size,
+                           action_history_dropout=cfg.action_history_dropout)
         part = {key: v.to(device) for key, v in batch.items() if torch.is_tensor(v)}
         part_noise = {key: v[rows] for key, v in noise.items()}
         total = train_step(net, model, optimizer, ema, part, part_noise, cfg, action_dim, precision,
