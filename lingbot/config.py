@@ -158,6 +158,10 @@ class ModelConfig:
     # Proprioception: the robot state each chunk's actions start from, added to its action tokens
     # (the robot's state fills the first channels). 0: the model sees no state (bundles before it).
     state_channels: int = 16
+    # Keypoints of the latent frame each chunk starts from (lingbot/model/keypoints.py: this many
+    # spatial-softmax channels per camera), added to that chunk's noisy video and action tokens: where
+    # the objects are, finer than one 2x2 patch token. 0: off (bundles before it).
+    keypoints: int = 0
     text_dim: int = 384  # cached text embedding width
     freq_dim: int = 256  # sinusoidal timestep embedding
     # Attention window in chunks (0: the whole history): the policy's KV-cache ring (policy.history_chunks)

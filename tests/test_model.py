@@ -74,6 +74,41 @@ def test_state_of_chunk_j_reaches_its_own_actions_and_later_chunks(j):
     assert da == [k >= j for k in range(N)]
 
 
+def keypoint_model():
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = WorldModel(dataclasses.replace(preset("tiny").model, keypoints=8), cameras=C, actions_per_chunk=K)
+    for head in (model.video_out, model.action_out, model.state_in, model.keypoints_v, model.keypoints_a):
+        torch.nn.init.normal_(head.weight, std=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("j", [0, 1, 2])
+def test_keypoints_of_the_frame_a_chunk_starts_from_reach_only_that_chunks_predictions(j):
+    """They enter the noisy tokens of their chunk only: the clean history (the KV cache) is as without them."""
+    x = inputs() | {"observed": torch.randn(B, N, C, Z, H, W, generator=torch.Generator().manual_seed(3))}
+    dv, da = changed_chunks(keypoint_model(), x, "observed", j)
+    assert dv == [k == j for k in range(N)] and da == [k == j for k in range(N)]
+    with pytest.raises(ValueError, match="pass observed"):
+        keypoint_model()(**inputs())
+    assert tiny_model().keypoint_net is None  # off by default: no parameters, bundles before it load
+
+
+def test_training_reads_keypoints_from_the_previous_chunks_latent_and_trains_them():
+    model, batch = keypoint_model().train(), _loss_batch()
+    noise = draw_noise(batch, model.cfg.action_channels, 3.0, 0.0, torch.Generator().manual_seed(0))
+    flow_matching_loss(model, batch, noise, A)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.keypoint_net.parameters())
+    seen = []
+    hook = model.keypoint_net.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        flow_matching_loss(model, batch, noise, A)
+    hook.remove()
+    video = batch["video"]
+    assert torch.equal(seen[0], torch.cat([video[:, :1], video[:, :-1]], 1))  # chunk k reads latent k - 1
+
+
 def ablation_model(**change):
     import dataclasses
 

@@ -113,6 +113,45 @@ def test_ablation_bundles_act_and_a_bidirectional_one_recomputes_its_window(abla
         load_policy(ablation_bundle, asynchronous=True)
 
 
+@pytest.fixture
+def keypoint_bundle(tiny_bundle, tmp_path):
+    """The tiny bundle with keypoints (`model.keypoints`), their weights drawn at random (zero-initialised
+    projections would hide them)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lingbot.model.world_model import WorldModel
+    from lingbot.policy.bundle import read_bundle
+
+    bundle = tmp_path / "keypoints"
+    shutil.copytree(tiny_bundle, bundle)
+    meta = json.loads((bundle / "policy.json").read_text())
+    meta["model"]["keypoints"] = 8
+    (bundle / "policy.json").write_text(json.dumps(meta))
+    meta = read_bundle(bundle)
+    torch.manual_seed(0)
+    fresh = WorldModel(meta["model_config"], cameras=len(meta["cameras"]), actions_per_chunk=4).state_dict()
+    weights = load_file(str(bundle / "model.safetensors"))
+    weights |= {k: torch.randn_like(v) * 0.5 for k, v in fresh.items() if k.startswith("keypoint")}
+    save_file(weights, str(bundle / "model.safetensors"))
+    return bundle
+
+
+def test_keypoints_read_the_real_frame_a_chunk_starts_from_cached_as_recomputed(keypoint_bundle, tiny_bundle):
+    kw = dict(history_chunks=2, video_steps=2, video_exec_step=2, action_steps=2)
+    policy = load_policy(keypoint_bundle, **kw)
+    assert policy.model.keypoint_net is not None
+    frames = _frames(policy, 16, seed=4)
+    session = policy.new_session(seed=1)
+    _drive(session, frames, 4)
+    actions, imagined = recompute_chunk(session, 4)
+    assert np.abs(actions.numpy() - session.executing).max() <= 1e-4
+    assert (imagined[0] - session.imagined_latents[-1]).abs().max().item() <= 1e-4
+    plain = load_policy(tiny_bundle, **kw).new_session(seed=1)  # the same weights without keypoints
+    assert not np.allclose(_drive(plain, frames, 4)[-1], _drive(policy.new_session(seed=1), frames, 4)[-1])
+
+
 def test_session_is_deterministic_and_isolated(tiny_bundle):
     policy = load_policy(tiny_bundle)
     frames = _frames(policy, 12, seed=1)

@@ -26,18 +26,8 @@ from torch import nn
 from lingbot.config import BCConfig
 from lingbot.errors import LingbotError
 from lingbot.fsutil import atomic_dir
+from lingbot.model.keypoints import SpatialSoftmax
 from lingbot.train.schedule import lr_factor
-
-
-class SpatialSoftmax(nn.Module):
-    """(B, C, H, W) feature maps -> (B, 2C) expected x, y of each channel's softmax (keypoints)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        attn = x.flatten(2).softmax(-1).view(b, c, h, w)
-        ys = torch.linspace(-1, 1, h, device=x.device)
-        xs = torch.linspace(-1, 1, w, device=x.device)
-        return torch.cat([(attn.sum(2) * xs).sum(-1), (attn.sum(3) * ys).sum(-1)], dim=1)
 
 
 def _conv_encoder(width: int) -> nn.Sequential:

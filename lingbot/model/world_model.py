@@ -16,6 +16,12 @@ last camera frame, `LatentWindows.window`'s start_state) is projected to the act
 token of the chunk, noisy and clean: the action expert decodes the actions that realise the imagined
 video from where the arm actually is. The video expert never sees it (it predicts the cameras).
 
+Keypoints (`ModelConfig.keypoints` > 0). The latent frame each chunk starts from (that of the previous
+chunk: the last real observation before chunk k's actions) is read by a small conv stack ending in
+spatial-softmax keypoints (lingbot/model/keypoints.py), projected to each width and added to the chunk's
+noisy video and noisy action tokens: where the puck and the gripper are, finer than one 2x2 patch token.
+The clean history does not carry them, so the KV cache is as without them.
+
 Teacher forcing (training). One pass over `[noisy video, clean video, noisy action, clean action]`,
 block id 2k for video of chunk k and 2k+1 for its actions:
     clean -> clean : block(key) <= block(query)            (block-causal history)
@@ -301,6 +307,17 @@ class WorldModel(nn.Module):
         if self.state_in is not None:
             nn.init.zeros_(self.state_in.weight)
             nn.init.zeros_(self.state_in.bias)
+        # Keypoints of the frame a chunk starts from, into its noisy tokens (zero-initialised projections).
+        self.keypoint_net = self.keypoints_v = self.keypoints_a = None
+        if cfg.keypoints:
+            from lingbot.model.keypoints import LatentKeypoints
+
+            self.keypoint_net = LatentKeypoints(cfg.latent_channels, cfg.keypoints)
+            self.keypoints_v = nn.Linear(cameras * 2 * cfg.keypoints, Dv)
+            self.keypoints_a = nn.Linear(cameras * 2 * cfg.keypoints, Da)
+            for layer in (self.keypoints_v, self.keypoints_a):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.text_in = nn.Sequential(nn.Linear(cfg.text_dim, Dv), nn.GELU(approximate="tanh"), nn.Linear(Dv, Dv))
         # The task joins the timestep conditioning of both experts (AdaLN): a pooled encoder gives one
         # text token, and a softmax over one key makes cross-attention a constant per task whatever the
@@ -381,17 +398,31 @@ class WorldModel(nn.Module):
         """Time embedding (B, L, D) + the task (`text`: encode_text's (B, Lt, Dv), pooled) through `table`."""
         return emb if table is None else emb + table(text.mean(1))[:, None]
 
-    def _video_tokens(self, video, t, lay, text):
-        """video (B, n, C, z, h, w) at flow times t (B, n) -> tokens (B, n*Tv, Dv), time emb, AdaLN mod."""
+    def keypoints(self, observed: torch.Tensor | None) -> torch.Tensor | None:
+        """observed (B, n, C, z, h, w): the latent frame each chunk starts from -> (B, n, C*2*keypoints)
+        keypoints, or None for a model without them."""
+        if self.keypoint_net is None:
+            return None
+        if observed is None:
+            raise ValueError(f"the model reads keypoints ({self.cfg.keypoints} channels): pass observed")
+        return self.keypoint_net(observed)
+
+    def _video_tokens(self, video, t, lay, text, points=None):
+        """video (B, n, C, z, h, w) at flow times t (B, n) -> tokens (B, n*Tv, Dv), time emb, AdaLN mod;
+        points (B, n, P): the chunks' keypoints (noisy tokens of a model with them)."""
         x = self.video_in(self.patchify(video).flatten(1, 2)) + self.camera_embed[lay["cams"]]
+        if points is not None:
+            x = x + self.keypoints_v(points).repeat_interleave(lay["Tv"], 1)
         emb = self.time_embed_v(timestep_embedding(t.repeat_interleave(lay["Tv"], 1), self.cfg.freq_dim))
         emb = self._conditioning(emb, text, self.text_mod_v)
         return x, emb, self.time_proj_v(emb).unflatten(-1, (6, -1))  # mod (B, L, 6, Dv)
 
-    def _action_tokens(self, action, t, text, state=None):
+    def _action_tokens(self, action, t, text, state=None, points=None):
         """action (B, n, K, A) at flow times t (B, n), state (B, n, S) each chunk starts from ->
-        tokens (B, n*K, Da), time emb, AdaLN mod."""
+        tokens (B, n*K, Da), time emb, AdaLN mod; points as `_video_tokens`."""
         x = self.action_in(action.flatten(1, 2))
+        if points is not None:
+            x = x + self.keypoints_a(points).repeat_interleave(self.K, 1)
         if self.state_in is not None:
             if state is None:
                 raise ValueError(f"the model takes the robot state ({self.cfg.state_channels} channels): pass state")
@@ -410,23 +441,25 @@ class WorldModel(nn.Module):
         return self.text_in(text)
 
     def forward(self, noisy_video, clean_video, noisy_action, clean_action, t_video, t_action,
-                t_history, text, state=None):
+                t_history, text, state=None, observed=None):
         """Teacher-forced velocity prediction.
 
         noisy_video, clean_video: (B, n, C, z, h, w); noisy_action, clean_action: (B, n, K, A);
         t_video, t_action: (B, n) flow times of the noisy chunks; t_history: (B, n) the level the clean
         video history was re-noised to (0 = clean); text: (B, Lt, text_dim); state: (B, n, S) the
-        robot state chunk k's actions start from (the batch's start_state), for both action copies.
+        robot state chunk k's actions start from (the batch's start_state), for both action copies;
+        observed: (B, n, C, z, h, w) the latent frame chunk k starts from (models with keypoints).
         Returns (v_video (B, n, C, z, h, w), v_action (B, n, K, A)).
         """
         B, n, C, z, h, w = noisy_video.shape
         lay = self.layout(n, h, w, noisy_video.device)
         Tv, K = lay["Tv"], self.K
         text = self.encode_text(text)
-        streams = [self._video_tokens(noisy_video, t_video, lay, text),
+        points = self.keypoints(observed)
+        streams = [self._video_tokens(noisy_video, t_video, lay, text, points),
                    self._video_tokens(clean_video, t_history, lay, text)]
         xv, emb_v, mod_v = (torch.cat(p, 1) for p in zip(*streams))
-        streams = [self._action_tokens(noisy_action, t_action, text, state),
+        streams = [self._action_tokens(noisy_action, t_action, text, state, points),
                    self._action_tokens(clean_action, torch.zeros_like(t_action), text, state)]
         xa, emb_a, mod_a = (torch.cat(p, 1) for p in zip(*streams))
 
@@ -482,12 +515,12 @@ class WorldModel(nn.Module):
         return cache.memo[key]
 
     def step(self, cache: KVCache, chunk: int, text: torch.Tensor, video=None, t_video=None, action=None,
-             t_action=None, clean: bool = False, window_chunks: int = 0, state=None):
+             t_action=None, clean: bool = False, window_chunks: int = 0, state=None, observed=None):
         """One incremental pass over tokens of chunk `chunk` against the cached history (inference).
 
         video (B, C, z, h, w) at flow time t_video (B,) and/or action (B, K, A) at t_action (B,) with
-        the state (B, S) the chunk's actions start from; text
-        from `encode_text`. Noisy tokens (clean=False) attend to the cache and to each other; clean
+        the state (B, S) the chunk's actions start from, and for noisy tokens of a model with keypoints
+        the latent frame (B, C, z, h, w) the chunk starts from; text from `encode_text`. Noisy tokens (clean=False) attend to the cache and to each other; clean
         tokens (clean=True: history, or an imagined chunk at history level t_video) are appended to the
         cache. The mask comes from `attention_mask`, as in training, so this equals the teacher-forced
         forward over the whole sequence. Returns (v_video (B, C, z, h, w) | None, v_action (B, K, A) | None).
@@ -501,13 +534,14 @@ class WorldModel(nn.Module):
                                                                action is not None)
         mask = self._step_mask(cache, chunk, new_block, clean, window_chunks, dev)
         Dv, Da = self.cfg.video_width, self.cfg.action_width
+        points = None if clean else self.keypoints(None if observed is None else observed[:, None])
         if video is not None:
-            xv, emb_v, mod_v = self._video_tokens(video[:, None], t_video[:, None], lay, text)
+            xv, emb_v, mod_v = self._video_tokens(video[:, None], t_video[:, None], lay, text, points)
         else:
             xv, emb_v, mod_v = (torch.zeros(B, 0, *s, device=dev) for s in ((Dv,), (Dv,), (6, Dv)))
         if action is not None:
             xa, emb_a, mod_a = self._action_tokens(action[:, None], t_action[:, None], text,
-                                                   None if state is None else state[:, None])
+                                                   None if state is None else state[:, None], points)
         else:
             xa, emb_a, mod_a = (torch.zeros(B, 0, *s, device=dev) for s in ((Da,), (Da,), (6, Da)))
         for i, layer in enumerate(self.layers):
@@ -673,7 +707,9 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
     clean_a = actions * nz["action_history_keep"][..., None, None] if "action_history_keep" in nz else actions
 
     state = pad_channels(batch["start_state"], cfg.state_channels, "state") if cfg.state_channels else None
-    pred_v, pred_a = model(noisy_v, clean_v, noisy_a, clean_a, t_v, t_a, t_h, batch["task"], state)
+    # Keypoints: chunk k starts from the real latent frame k - 1 (chunk 0, context only, from its own).
+    observed = torch.cat([video[:, :1], video[:, :-1]], 1) if cfg.keypoints else None
+    pred_v, pred_a = model(noisy_v, clean_v, noisy_a, clean_a, t_v, t_a, t_h, batch["task"], state, observed)
     # The first chunk of a window is context only: its noisy video attends to no clean block (a window
     # starting mid-episode would predict a frame from the task text alone; at run time chunk 0 is always
     # the real first observation), and mid-episode its actions would be decoded without the frame they

@@ -54,12 +54,14 @@ def write_history(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
 @torch.no_grad()
 def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Tensor, x: torch.Tensor,
                   a: torch.Tensor, cfg: PolicyConfig, state=None, action_dim: int | None = None,
-                  renoise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  renoise: torch.Tensor | None = None, observed: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2 and 3 of a session's chunk (lingbot/policy/session.py) against `cache`: the imagined video
     stays in the cache.
     state (1, S): the robot state the chunk's actions start from (models with a state input);
     action_dim: the robot's action channels (the rest are padding, held at 0 as in training);
-    renoise: chunk_noise's third draw (used when `cfg.imagined_noise` > 0).
+    renoise: chunk_noise's third draw (used when `cfg.imagined_noise` > 0);
+    observed (1, cams, z, h, w): the real latent frame the chunk starts from (models with keypoints).
 
     Returns the action chunk (K, A_model) in -1..1 and the imagined latent (1, cams, z, h, w), both on
     the model's device: nothing here waits for the device (the caller reads the actions once).
@@ -68,7 +70,8 @@ def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
     if model.cfg.video_prediction:
         video = FlowSampler(cfg.video_steps, cfg.shift, device=x.device)
         for i in range(cfg.video_exec_step):
-            v, _ = model.step(cache, chunk, text, video=x, t_video=video.t(i), window_chunks=window)
+            v, _ = model.step(cache, chunk, text, video=x, t_video=video.t(i), window_chunks=window,
+                              observed=observed)
             x = video.step(x, v, i)
         history, level = imagined_history(x, video.level(cfg.video_exec_step), cfg, renoise)
         model.step(cache, chunk, text, video=history, t_video=level, clean=True, window_chunks=window)
@@ -77,7 +80,8 @@ def denoise_chunk(model: WorldModel, cache: KVCache, chunk: int, text: torch.Ten
     act = FlowSampler(cfg.action_steps, cfg.shift, live=action_dim, device=x.device)
     a = act.start(a)
     for i in range(cfg.action_steps):
-        _, v = model.step(cache, chunk, text, action=a, t_action=act.t(i), window_chunks=window, state=state)
+        _, v = model.step(cache, chunk, text, action=a, t_action=act.t(i), window_chunks=window, state=state,
+                          observed=observed)
         a = act.step(a, v, i)
     return a[0], x
 
@@ -100,6 +104,8 @@ def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Te
     model = copy.copy(model)  # same modules, the policy's ring window as the attention window
     model.cfg = dataclasses.replace(model.cfg, window_chunks=cfg.history_chunks)
     n = real.shape[1] + 1
+    # Each chunk starts from the latent before it (only the denoised chunk's noisy tokens read it).
+    observed = torch.cat([real[:, :1], real], 1) if model.cfg.keypoints else None
     zeros_t = torch.zeros(1, n, device=x.device)
 
     def run(video_k, t_video_k, clean_k, t_history_k, action_k, t_action_k):
@@ -109,7 +115,8 @@ def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Te
         noisy_action = torch.cat([torch.zeros_like(executed), action_k[:, None]], 1)
         t_video, t_history, t_action = zeros_t.clone(), zeros_t.clone(), zeros_t.clone()
         t_video[:, -1], t_history[:, -1], t_action[:, -1] = t_video_k, t_history_k, t_action_k
-        v, va = model(noisy_video, clean_video, noisy_action, clean_action, t_video, t_action, t_history, text, states)
+        v, va = model(noisy_video, clean_video, noisy_action, clean_action, t_video, t_action, t_history, text, states,
+                      observed)
         return v[:, -1], va[:, -1]
 
     video = FlowSampler(cfg.video_steps, cfg.shift)

@@ -22,7 +22,8 @@ deterministic, whatever else runs in the process. A ring window (`history_chunks
 Frames: `observe(obs)` streams the frames between chunk boundaries; `infer(obs)` takes the boundary
 frame (the last of the executed chunk) and the robot state there, which the next chunk's actions start
 from (asynchronous mode computes chunk k+1 before its start state exists: it uses the state at the
-start of chunk k, the latest there is). A chunk needs 4 * frame_stride frames; fewer (a client that
+start of chunk k, the latest there is; so for a model with keypoints, the latest real latent frame).
+A chunk needs 4 * frame_stride frames; fewer (a client that
 only calls `infer`) are padded with the earliest frame received, more keep the latest.
 """
 
@@ -232,7 +233,7 @@ class Session:
         if p.model.cfg.attention != "causal":  # no KV cache: the window of the last history_chunks, again
             return recompute_chunk(self, chunk, last=p.cfg.history_chunks)
         actions, imagined = denoise_chunk(p.model, self.cache, chunk, self.text, x, a, p.cfg, state,
-                                          p.layout.robot_dim, r)
+                                          p.layout.robot_dim, r, observed=self.real_latents[-1][None])
         return p.layout.clip(actions), imagined
 
     def _ground_and_predict(self, latent: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
