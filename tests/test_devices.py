@@ -19,10 +19,10 @@ META = torch.device("meta")
 B, N, C, Z, H, W, K = 2, 3, 2, 4, 4, 4, 4
 
 
-def _model(device):
+def _model(device, keypoints=0):
     torch.manual_seed(0)
     with torch.device(device):
-        return WorldModel(preset("tiny").model, cameras=C, actions_per_chunk=K)
+        return WorldModel(dataclasses.replace(preset("tiny").model, keypoints=keypoints), cameras=C, actions_per_chunk=K)
 
 
 def _batch(device):
@@ -33,8 +33,9 @@ def _batch(device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def test_forward_and_loss_keep_every_tensor_on_the_device():
-    model, batch = _model(META), _batch(META)
+@pytest.mark.parametrize("keypoints", [0, 8])
+def test_forward_and_loss_keep_every_tensor_on_the_device(keypoints):
+    model, batch = _model(META, keypoints), _batch(META)
     noise = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0), 0.5)
     losses = flow_matching_loss(model, batch, noise, 4)
     assert losses["loss"].device == META and losses["loss"].shape == ()
@@ -72,10 +73,11 @@ def test_one_training_step_of_the_loop_runs_on_the_device(latent_cache, checkpoi
     assert optimizer.state and all(s["exp_avg"].device == META for s in optimizer.state.values())
 
 
-def test_incremental_step_with_the_kv_cache_stays_on_the_device():
+@pytest.mark.parametrize("keypoints", [0, 8])
+def test_incremental_step_with_the_kv_cache_stays_on_the_device(keypoints):
     from lingbot.policy.denoise import chunk_noise, denoise_chunk, write_history
 
-    model = _model(META).eval()
+    model = _model(META, keypoints).eval()
     g = torch.Generator().manual_seed(0)
     text = model.encode_text(torch.randn(1, 1, 384, generator=g).to(META))
     cache = KVCache(model.cfg.depth)
@@ -87,7 +89,7 @@ def test_incremental_step_with_the_kv_cache_stays_on_the_device():
             cache.evict_before(2 * (k + 1) - 2 * cfg.history_chunks + 1)
         x, a, r = chunk_noise(g, (C, Z, H, W), K, 16, META)
         actions, imagined = denoise_chunk(model, cache, 3, text, x, a, cfg, torch.zeros(1, 16, device=META),
-                                          action_dim=4, renoise=r)
+                                          action_dim=4, renoise=r, observed=torch.zeros(1, C, Z, H, W, device=META))
     assert actions.device == imagined.device == META
     assert actions.shape == (K, 16) and imagined.shape == (1, C, Z, H, W)
     assert all(buf[0].device == META for buf in cache.buffers)
