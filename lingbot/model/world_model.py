@@ -520,8 +520,8 @@ class WorldModel(nn.Module):
 
         video (B, C, z, h, w) at flow time t_video (B,) and/or action (B, K, A) at t_action (B,) with
         the state (B, S) the chunk's actions start from, and for noisy tokens of a model with keypoints
-        the latent frame (B, C, z, h, w) the chunk starts from; text from `encode_text`. Noisy tokens (clean=False) attend to the cache and to each other; clean
-        tokens (clean=True: history, or an imagined chunk at history level t_video) are appended to the
+        the latent frame (B, C, z, h, w) the chunk starts from; text from `encode_text`. Noisy tokens
+        (clean=False) attend to the cache and to each other; clean tokens (clean=True: history, or an imagined chunk at history level t_video) are appended to the
         cache. The mask comes from `attention_mask`, as in training, so this equals the teacher-forced
         forward over the whole sequence. Returns (v_video (B, C, z, h, w) | None, v_action (B, K, A) | None).
         """
@@ -672,6 +672,12 @@ class FlowSampler:
         return self._live_only(x + float(self.times[i + 1] - self.times[i]) * velocity)
 
 
+def start_latents(video: torch.Tensor) -> torch.Tensor:
+    """(B, n, C, z, h, w) latents of a window -> the latent frame each chunk starts from, what a model's
+    keypoints read: chunk k's is frame k - 1 (chunk 0, context only, its own)."""
+    return torch.cat([video[:, :1], video[:, :-1]], 1)
+
+
 def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_channels_used: int,
                        video_weight: float = 1.0, action_weight: float = 1.0) -> dict:
     """One teacher-forced pass. batch: video (B,n,C,z,h,w), actions (B,n,K,a), action_mask (B,n,K),
@@ -707,8 +713,7 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
     clean_a = actions * nz["action_history_keep"][..., None, None] if "action_history_keep" in nz else actions
 
     state = pad_channels(batch["start_state"], cfg.state_channels, "state") if cfg.state_channels else None
-    # Keypoints: chunk k starts from the real latent frame k - 1 (chunk 0, context only, from its own).
-    observed = torch.cat([video[:, :1], video[:, :-1]], 1) if cfg.keypoints else None
+    observed = start_latents(video) if cfg.keypoints else None
     pred_v, pred_a = model(noisy_v, clean_v, noisy_a, clean_a, t_v, t_a, t_h, batch["task"], state, observed)
     # The first chunk of a window is context only: its noisy video attends to no clean block (a window
     # starting mid-episode would predict a frame from the task text alone; at run time chunk 0 is always

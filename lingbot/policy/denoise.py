@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lingbot.config import PolicyConfig
-from lingbot.model.world_model import FlowSampler, KVCache, WorldModel
+from lingbot.model.world_model import FlowSampler, KVCache, WorldModel, start_latents
 
 
 def chunk_noise(generator: torch.Generator, latent_shape, K: int, action_channels: int, device):
@@ -104,8 +104,6 @@ def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Te
     model = copy.copy(model)  # same modules, the policy's ring window as the attention window
     model.cfg = dataclasses.replace(model.cfg, window_chunks=cfg.history_chunks)
     n = real.shape[1] + 1
-    # Each chunk starts from the latent before it (only the denoised chunk's noisy tokens read it).
-    observed = torch.cat([real[:, :1], real], 1) if model.cfg.keypoints else None
     zeros_t = torch.zeros(1, n, device=x.device)
 
     def run(video_k, t_video_k, clean_k, t_history_k, action_k, t_action_k):
@@ -115,6 +113,7 @@ def recompute_sequence(model: WorldModel, real: torch.Tensor, executed: torch.Te
         noisy_action = torch.cat([torch.zeros_like(executed), action_k[:, None]], 1)
         t_video, t_history, t_action = zeros_t.clone(), zeros_t.clone(), zeros_t.clone()
         t_video[:, -1], t_history[:, -1], t_action[:, -1] = t_video_k, t_history_k, t_action_k
+        observed = start_latents(clean_video) if model.cfg.keypoints else None  # the last chunk's: real[-1]
         v, va = model(noisy_video, clean_video, noisy_action, clean_action, t_video, t_action, t_history, text, states,
                       observed)
         return v[:, -1], va[:, -1]

@@ -23,8 +23,8 @@ Frames: `observe(obs)` streams the frames between chunk boundaries; `infer(obs)`
 frame (the last of the executed chunk) and the robot state there, which the next chunk's actions start
 from (asynchronous mode computes chunk k+1 before its start state exists: it uses the state at the
 start of chunk k, the latest there is; so for a model with keypoints, the latest real latent frame).
-A chunk needs 4 * frame_stride frames; fewer (a client that
-only calls `infer`) are padded with the earliest frame received, more keep the latest.
+A chunk needs 4 * frame_stride frames; fewer (a client that only calls `infer`) are padded with the
+earliest frame received, more keep the latest.
 """
 
 from __future__ import annotations
