@@ -210,6 +210,13 @@ class TrainConfig:
     # the next ones well, and a policy that leans on them copies its own drift in closed loop (causal
     # confusion, de Haan et al. 2019); dropped, the action expert must read the video and the state.
     action_history_dropout: float = 0.0
+    # Imagined futures: in this fraction of the samples each chunk's noisy actions read the video the
+    # model itself predicts for that chunk (one step from the training noise, no gradient) instead of the
+    # recorded one; every later chunk still reads the recorded video (`imagine_futures`). With the
+    # recorded future in view, inverse dynamics can be read off the arm's displacement and nothing makes
+    # the action expert check the imagined video against the frame it starts from; at run time the
+    # imagined video is all it has. Costs a second forward without gradient and a third video copy.
+    imagined_future_p: float = 0.0
     video_weight: float = 1.0
     action_weight: float = 1.0
     checkpoint_every: int = 100

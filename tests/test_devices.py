@@ -33,10 +33,11 @@ def _batch(device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("keypoints", [0, 8])
-def test_forward_and_loss_keep_every_tensor_on_the_device(keypoints):
+@pytest.mark.parametrize("keypoints, imagined", [(0, 0.0), (8, 0.0), (0, 1.0)])
+def test_forward_and_loss_keep_every_tensor_on_the_device(keypoints, imagined):
     model, batch = _model(META, keypoints), _batch(META)
-    noise = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0), 0.5)
+    noise = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0), 0.5,
+                       imagined_future_p=imagined)
     losses = flow_matching_loss(model, batch, noise, 4)
     assert losses["loss"].device == META and losses["loss"].shape == ()
     losses["loss"].backward()

@@ -159,6 +159,49 @@ def test_without_video_prediction_actions_skip_their_own_chunks_video(j):
     assert out["loss"] == out["action"] and out["video"] > 0  # reported, not trained
 
 
+@pytest.mark.parametrize("j", [0, 1, 2])
+def test_an_imagined_future_stands_in_for_its_chunks_video_where_its_actions_read_it(j):
+    """Chunk j's imagined copy reaches only chunk j's actions; its recorded video then reaches later chunks only."""
+    x = inputs() | {"imagined": torch.randn(B, N, C, Z, H, W, generator=torch.Generator().manual_seed(4))}
+    dv, da = changed_chunks(tiny_model(), x, "imagined", j)
+    assert dv == [False] * N and da == [k == j for k in range(N)]
+    dv, da = changed_chunks(tiny_model(), x, "clean_video", j)
+    assert dv == [k > j for k in range(N)] and da == [k > j for k in range(N)]
+
+
+def test_an_imagined_future_equal_to_the_recorded_one_changes_nothing():
+    """The imagined copy sees what the recorded video of its chunk sees: given the same frames, the same outputs."""
+    model, x = tiny_model(), inputs()
+    with torch.no_grad():
+        v0, a0 = model(**x)
+        v1, a1 = model(**x, imagined=x["clean_video"])
+    torch.testing.assert_close(v1, v0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a1, a0, atol=1e-5, rtol=1e-5)
+
+
+def test_imagined_futures_replace_the_recorded_video_in_the_drawn_rows_only():
+    from lingbot.model.world_model import imagine_futures, pad_channels
+
+    model, batch = tiny_model(), _loss_batch()
+    off = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0))
+    on = draw_noise(batch, model.cfg.action_channels, 3.0, 0.5, torch.Generator().manual_seed(0), imagined_future_p=1.0)
+    assert "imagined_future" not in off and all(torch.equal(off[k], on[k]) for k in off)  # drawn last
+    assert on["imagined_future"].all()
+    none = dict(on, imagined_future=torch.zeros(2, dtype=torch.bool))
+    with torch.no_grad():
+        assert torch.allclose(flow_matching_loss(model, batch, none, A)["loss"],
+                              flow_matching_loss(model, batch, off, A)["loss"], atol=1e-6)
+        assert flow_matching_loss(model, batch, on, A)["action"] != flow_matching_loss(model, batch, off, A)["action"]
+        video, actions = batch["video"], pad_channels(batch["actions"], 16, "action")
+        args = (video, video, actions, actions, on["t_video"], on["t_action"], torch.zeros(2, N), batch["task"],
+                pad_channels(batch["start_state"], 16, "state"), None)
+        rows = dict(on, imagined_future=torch.tensor([True, False]))
+        imagined = imagine_futures(model, args, rows)
+    assert torch.equal(imagined[1], video[1]) and not torch.allclose(imagined[0], video[0])
+    with pytest.raises(ValueError, match="needs a model that imagines video"):
+        imagine_futures(model, args, rows, video_prediction=False)
+
+
 def test_the_causal_default_mask_is_the_documented_rules():
     g = torch.Generator().manual_seed(0)
     block, clean = torch.randint(0, 8, (40,), generator=g), torch.rand(40, generator=g) < 0.5

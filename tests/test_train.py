@@ -148,6 +148,12 @@ def test_unknown_parallel_is_refused(tmp_path):
         train(dataclasses.replace(CFG, parallel="fdsp"), preset("tiny").model, tmp_path / "cache", tmp_path / "out")
 
 
+def test_imagined_futures_without_video_prediction_are_refused(tmp_path):
+    model = dataclasses.replace(preset("tiny").model, video_prediction=False)
+    with pytest.raises(LingbotError, match="imagined_future_p needs a model that imagines video"):
+        train(dataclasses.replace(CFG, imagined_future_p=0.5), model, tmp_path / "cache", tmp_path / "out")
+
+
 def test_activation_checkpointing_gives_the_same_gradients(latent_cache):
     from lingbot.data.latents import LatentWindows
     from lingbot.model.world_model import WorldModel, draw_noise, flow_matching_loss

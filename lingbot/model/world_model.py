@@ -30,7 +30,9 @@ block id 2k for video of chunk k and 2k+1 for its actions:
     clean -> noisy : never
 so noisy video k is predicted from the history (visual dynamics) and noisy action k is decoded from
 the clean video of chunk k and earlier (inverse dynamics). `attention_mask` is the one place that
-builds these rules.
+builds these rules. Imagined futures (`TrainConfig.imagined_future_p`, off by default) add a third
+video copy, the model's own prediction of each chunk, which noisy action k reads in place of the
+recorded video k, as at run time.
 
 Flow matching. x_t = (1 - t) x + t eps, target v = eps - x, independent t per chunk and stream from a
 shifted schedule; loss = w_v * video + w_a * action, the action term masked to existing steps and used
@@ -64,7 +66,8 @@ VIDEO, ACTION = 0, 1
 
 def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_chunks: int = 0,
                    query_block: torch.Tensor | None = None, query_clean: torch.Tensor | None = None,
-                   attention: str = "causal", video_prediction: bool = True) -> torch.Tensor:
+                   attention: str = "causal", video_prediction: bool = True,
+                   imagined: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (Lq, L) mask, True = may attend, from per-token block ids and clean flags (both (L,)).
 
     Queries are the same tokens as the keys unless `query_block` / `query_clean` name others (the
@@ -78,6 +81,14 @@ def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_chunks: int 
 
     window_chunks W > 0: a query of chunk c sees chunks c-W+1..c only, each whole (its video and its
     actions), in training and in the policy's KV-cache ring alike (`Session` evicts by the same rule).
+
+    imagined (L,) bool, queries = keys (training with `TrainConfig.imagined_future_p`): video tokens of
+    a third copy, flagged clean, that stand in for chunk k's own video where its noisy actions read it,
+    as at run time, where those actions read the video the model imagined: an imagined token sees the
+    clean blocks before its own and the imagined tokens of its block (what the imagined chunk saw when
+    it was written into the cache), and is seen only by its own chunk's noisy actions, which no longer
+    see the recorded video of their chunk. Every later chunk reads the recorded video, as a session
+    grounds the real frame before the next chunk.
     """
     if query_block is None:
         query_block, query_clean = block, clean
@@ -91,6 +102,11 @@ def attention_mask(block: torch.Tensor, clean: torch.Tensor, window_chunks: int 
     earlier = bk < bq - 1 if not video_prediction else bk < bq
     noisy_to_clean = torch.where(bq % 2 == 1, earlier, bk < bq)
     allowed = (cq & ck & clean_to_clean) | (~cq & ck & noisy_to_clean) | (~cq & ~ck & (bk == bq))
+    if imagined is not None:
+        iq, ik = imagined[:, None], imagined[None, :]
+        own_actions = ~cq & (bq % 2 == 1) & (bk == bq - 1)  # noisy actions of chunk k, video of chunk k
+        allowed = torch.where(iq, (ik & (bk == bq)) | (~ik & ck & (bk < bq)),  # imagined queries
+                              torch.where(ik, own_actions, allowed & ~(own_actions & ck)))
     if window_chunks > 0:
         allowed &= (bq // 2 - bk // 2) < window_chunks
     return allowed
@@ -441,14 +457,16 @@ class WorldModel(nn.Module):
         return self.text_in(text)
 
     def forward(self, noisy_video, clean_video, noisy_action, clean_action, t_video, t_action,
-                t_history, text, state=None, observed=None):
+                t_history, text, state=None, observed=None, imagined=None):
         """Teacher-forced velocity prediction.
 
         noisy_video, clean_video: (B, n, C, z, h, w); noisy_action, clean_action: (B, n, K, A);
         t_video, t_action: (B, n) flow times of the noisy chunks; t_history: (B, n) the level the clean
         video history was re-noised to (0 = clean); text: (B, Lt, text_dim); state: (B, n, S) the
         robot state chunk k's actions start from (the batch's start_state), for both action copies;
-        observed: (B, n, C, z, h, w) the latent frame chunk k starts from (models with keypoints).
+        observed: (B, n, C, z, h, w) the latent frame chunk k starts from (models with keypoints);
+        imagined: (B, n, C, z, h, w) the video each chunk's noisy actions read in place of its recorded
+        clean_video, at level t_history (`attention_mask`'s imagined copy; None: the recorded one).
         Returns (v_video (B, n, C, z, h, w), v_action (B, n, K, A)).
         """
         B, n, C, z, h, w = noisy_video.shape
@@ -458,17 +476,25 @@ class WorldModel(nn.Module):
         points = self.keypoints(observed)
         streams = [self._video_tokens(noisy_video, t_video, lay, text, points),
                    self._video_tokens(clean_video, t_history, lay, text)]
+        if imagined is not None:
+            streams.append(self._video_tokens(imagined, t_history, lay, text))
         xv, emb_v, mod_v = (torch.cat(p, 1) for p in zip(*streams))
+        copies = len(streams)  # video copies: noisy, clean (and imagined)
         streams = [self._action_tokens(noisy_action, t_action, text, state, points),
                    self._action_tokens(clean_action, torch.zeros_like(t_action), text, state)]
         xa, emb_a, mod_a = (torch.cat(p, 1) for p in zip(*streams))
 
         vb, ab = lay["video_block"], lay["action_block"]
-        block = torch.cat([vb, vb, ab, ab])
-        clean = torch.cat([torch.zeros_like(vb), torch.ones_like(vb), torch.zeros_like(ab), torch.ones_like(ab)]).bool()
+        block = torch.cat([vb.repeat(copies), ab, ab])
+        clean = torch.cat([torch.zeros_like(vb), torch.ones_like(vb).repeat(copies - 1), torch.zeros_like(ab),
+                           torch.ones_like(ab)]).bool()
+        kind = None
+        if imagined is not None:
+            kind = torch.zeros_like(clean)
+            kind[2 * len(vb) : 3 * len(vb)] = True
         mask = attention_mask(block, clean, self.cfg.window_chunks, attention=self.cfg.attention,
-                              video_prediction=self.cfg.video_prediction)
-        angles_v = rope_angles(lay["video_pos"].repeat(2, 1), self.cfg.head_dim).to(xv.device)
+                              video_prediction=self.cfg.video_prediction, imagined=kind)
+        angles_v = rope_angles(lay["video_pos"].repeat(copies, 1), self.cfg.head_dim).to(xv.device)
         angles_a = rope_angles(lay["action_pos"].repeat(2, 1), self.cfg.head_dim).to(xv.device)
 
         for layer in self.layers:
@@ -592,7 +618,7 @@ def sample_times(shape, shift: float, generator=None, device=None) -> torch.Tens
 def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p: float,
                generator: torch.Generator | None = None, chunk_noise_p: float = 0.0,
                chunk_noise_max: float = 1.0, batch_size: int | None = None,
-               action_history_dropout: float = 0.0) -> dict:
+               action_history_dropout: float = 0.0, imagined_future_p: float = 0.0) -> dict:
     """Every random draw of one teacher-forced step, for the whole (global) batch, on the CPU.
 
     Drawn apart from the loss so that data-parallel ranks can draw the global batch's noise from one
@@ -617,6 +643,8 @@ def draw_noise(batch: dict, action_channels: int, shift: float, history_noise_p:
     }
     if action_history_dropout > 0:  # after the rest, and absent when off: the draws above do not move
         noise["action_history_keep"] = torch.rand(B, n, generator=g) >= action_history_dropout
+    if imagined_future_p > 0:  # likewise
+        noise["imagined_future"] = torch.rand(B, generator=g) < imagined_future_p
     return noise
 
 
@@ -678,6 +706,29 @@ def start_latents(video: torch.Tensor) -> torch.Tensor:
     return torch.cat([video[:, :1], video[:, :-1]], 1)
 
 
+def imagine_futures(model: WorldModel, args: tuple, noise: dict, video_prediction: bool = True) -> torch.Tensor:
+    """The video each chunk's noisy actions read when training against the model's own imagination
+    (`TrainConfig.imagined_future_p`): a pass without gradient predicts every chunk's video from its
+    history, as the session does before decoding actions; its clean estimate x_t - t v, re-noised to the
+    chunk's history level, replaces the recorded future in the rows drawn (`noise["imagined_future"]`).
+
+    One Euler step from the training noise level, not the session's full sampler: at the high levels
+    the shifted schedule favours it is the model's expectation of the next frame given the history,
+    the average of the futures it cannot tell apart, which is what a wrong imagined future looks like.
+    """
+    if not video_prediction:
+        raise ValueError("imagined_future_p needs a model that imagines video (model.video_prediction)")
+    noisy_v, clean_v, t_v, t_h = args[0], args[1], args[4], args[6]
+    with torch.no_grad():
+        pred_v, _ = model(*args)
+    t = t_v.view(*t_v.shape, 1, 1, 1, 1)
+    guess = noisy_v - t * pred_v.to(noisy_v.dtype)
+    level = t_h.view(*t_h.shape, 1, 1, 1, 1)
+    guess = (1 - level) * guess + level * noise["eps_history"]
+    rows = noise["imagined_future"].view(-1, 1, 1, 1, 1, 1)
+    return torch.where(rows, guess, clean_v).detach()
+
+
 def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_channels_used: int,
                        video_weight: float = 1.0, action_weight: float = 1.0) -> dict:
     """One teacher-forced pass. batch: video (B,n,C,z,h,w), actions (B,n,K,a), action_mask (B,n,K),
@@ -714,7 +765,11 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
 
     state = pad_channels(batch["start_state"], cfg.state_channels, "state") if cfg.state_channels else None
     observed = start_latents(video) if cfg.keypoints else None
-    pred_v, pred_a = model(noisy_v, clean_v, noisy_a, clean_a, t_v, t_a, t_h, batch["task"], state, observed)
+    args = (noisy_v, clean_v, noisy_a, clean_a, t_v, t_a, t_h, batch["task"], state, observed)
+    imagined = None
+    if "imagined_future" in nz:
+        imagined = imagine_futures(model, args, nz, video_prediction=cfg.video_prediction)
+    pred_v, pred_a = model(*args, imagined=imagined)
     # The first chunk of a window is context only: its noisy video attends to no clean block (a window
     # starting mid-episode would predict a frame from the task text alone; at run time chunk 0 is always
     # the real first observation), and mid-episode its actions would be decoded without the frame they

@@ -284,6 +284,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, cache: Path, out: Path, init
     """
     if model_cfg.attention not in ("causal", "bidirectional"):
         raise LingbotError(f"train: model.attention must be causal or bidirectional, got {model_cfg.attention!r}")
+    if cfg.imagined_future_p > 0 and not model_cfg.video_prediction:
+        raise LingbotError("train: imagined_future_p needs a model that imagines video (model.video_prediction: true)")
     if cfg.parallel not in PARALLEL:
         raise LingbotError(f"train: parallel must be one of {', '.join(PARALLEL)}, got {cfg.parallel!r}")
     rank, world, device, joined = _distributed(device)
@@ -374,7 +376,8 @@ def _train(cfg, model_cfg, cache, out, init_from, stop_after, progress, rank, wo
         noise = draw_noise(batch, model_cfg.action_channels, cfg.shift, cfg.history_noise_p,
                            torch.Generator().manual_seed(cfg.seed * 1_000_003 + step), cfg.chunk_noise_p,
                            cfg.chunk_noise_max, batch_size=cfg.batch_size,
-                           action_history_dropout=cfg.action_history_dropout)
+                           action_history_dropout=cfg.action_history_dropout,
+                           imagined_future_p=cfg.imagined_future_p)
         part = {key: v.to(device) for key, v in batch.items() if torch.is_tensor(v)}
         part_noise = {key: v[rows] for key, v in noise.items()}
         total = train_step(net, model, optimizer, ema, part, part_noise, cfg, action_dim, precision,
