@@ -199,7 +199,7 @@ def test_imagined_futures_replace_the_recorded_video_in_the_drawn_rows_only():
         imagined = imagine_futures(model, args, rows)
     assert torch.equal(imagined[1], video[1]) and not torch.allclose(imagined[0], video[0])
     with pytest.raises(ValueError, match="needs a model that imagines video"):
-        imagine_futures(model, args, rows, video_prediction=False)
+        imagine_futures(ablation_model(video_prediction=False), args, rows)
 
 
 def test_the_causal_default_mask_is_the_documented_rules():

@@ -706,7 +706,13 @@ def start_latents(video: torch.Tensor) -> torch.Tensor:
     return torch.cat([video[:, :1], video[:, :-1]], 1)
 
 
-def imagine_futures(model: WorldModel, args: tuple, noise: dict, video_prediction: bool = True) -> torch.Tensor:
+def noised(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x (B, n, ...) at flow times t (B, n): (1 - t) x + t eps."""
+    t = t.view(*t.shape, *([1] * (x.dim() - t.dim())))
+    return (1 - t) * x + t * eps
+
+
+def imagine_futures(model: WorldModel, args: tuple, noise: dict) -> torch.Tensor:
     """The video each chunk's noisy actions read when training against the model's own imagination
     (`TrainConfig.imagined_future_p`): a pass without gradient predicts every chunk's video from its
     history, as the session does before decoding actions; its clean estimate x_t - t v, re-noised to the
@@ -716,15 +722,13 @@ def imagine_futures(model: WorldModel, args: tuple, noise: dict, video_predictio
     the shifted schedule favours it is the model's expectation of the next frame given the history,
     the average of the futures it cannot tell apart, which is what a wrong imagined future looks like.
     """
-    if not video_prediction:
+    if not getattr(model, "module", model).cfg.video_prediction:  # unwrap DDP
         raise ValueError("imagined_future_p needs a model that imagines video (model.video_prediction)")
-    noisy_v, clean_v, t_v, t_h = args[0], args[1], args[4], args[6]
+    noisy_v, clean_v, _, _, t_v, _, t_h = args[:7]
     with torch.no_grad():
         pred_v, _ = model(*args)
-    t = t_v.view(*t_v.shape, 1, 1, 1, 1)
-    guess = noisy_v - t * pred_v.to(noisy_v.dtype)
-    level = t_h.view(*t_h.shape, 1, 1, 1, 1)
-    guess = (1 - level) * guess + level * noise["eps_history"]
+    guess = noisy_v - t_v.view(*t_v.shape, 1, 1, 1, 1) * pred_v.to(noisy_v.dtype)  # x = x_t - t v
+    guess = noised(guess, noise["eps_history"], t_h)
     rows = noise["imagined_future"].view(-1, 1, 1, 1, 1, 1)
     return torch.where(rows, guess, clean_v).detach()
 
@@ -748,18 +752,14 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
     # Padding channels carry no noise either: at run time the sampler holds them at 0 (FlowSampler).
     eps_action = nz["eps_action"] * channel
 
-    def mix(x, eps, t, dims):
-        t = t.view(*t.shape, *([1] * dims))
-        return (1 - t) * x + t * eps
-
-    noisy_v = mix(video, nz["eps_video"], t_v, 4)
-    noisy_a = mix(actions, eps_action, t_a, 2)
+    noisy_v = noised(video, nz["eps_video"], t_v)
+    noisy_a = noised(actions, eps_action, t_a)
     # Noisy-history augmentation: the clean video history re-noised to a level in [0, 0.5] per sample,
     # or higher per chunk (`chunk_history`), told to the model.
     t_h = nz["history"][:, None].expand(B, n)
     if "chunk_history" in nz:
         t_h = torch.maximum(t_h, nz["chunk_history"])
-    clean_v = mix(video, nz["eps_history"], t_h, 4)
+    clean_v = noised(video, nz["eps_history"], t_h)
     # History-action dropout: the clean copy later chunks attend to, zeroed per chunk; targets unchanged.
     clean_a = actions * nz["action_history_keep"][..., None, None] if "action_history_keep" in nz else actions
 
@@ -768,7 +768,7 @@ def flow_matching_loss(model: WorldModel, batch: dict, noise: dict, action_chann
     args = (noisy_v, clean_v, noisy_a, clean_a, t_v, t_a, t_h, batch["task"], state, observed)
     imagined = None
     if "imagined_future" in nz:
-        imagined = imagine_futures(model, args, nz, video_prediction=cfg.video_prediction)
+        imagined = imagine_futures(model, args, nz)
     pred_v, pred_a = model(*args, imagined=imagined)
     # The first chunk of a window is context only: its noisy video attends to no clean block (a window
     # starting mid-episode would predict a frame from the task text alone; at run time chunk 0 is always
