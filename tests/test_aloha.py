@@ -48,10 +48,12 @@ def expert_successes(task: str, seeds, torquescale: float | None = None) -> list
 
 
 def test_the_scripted_expert_succeeds_at_its_measured_rate():
-    # Measured over seeds 0-11: transfer cube 12/12; insertion 10/12 (seeds 5 and 10 push the peg
-    # against the socket without reaching the pin). collect keeps only the successful replays.
+    # Measured over seeds 0-11: transfer cube 12/12; insertion 10/12 on an AVX-512 machine (seeds 5 and 10
+    # push the peg against the socket without reaching the pin), 11/12 on an AVX2 EPYC (seed 5's peg goes
+    # in: MuJoCo's contact floats differ by CPU and that seed is borderline). collect keeps only the
+    # successful replays.
     assert expert_successes("aloha-transfer-cube", range(5)) == [True] * 5
-    assert expert_successes("aloha-insertion", range(6)) == [True] * 5 + [False]
+    assert sum(expert_successes("aloha-insertion", range(6))) >= 5
 
 
 def test_without_the_stiffer_welds_the_grippers_lag_and_the_cube_is_lost():
